@@ -1,0 +1,1 @@
+//! Criterion benchmarks of each service core live in `benches/`; this library is empty.

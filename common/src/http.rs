@@ -1,0 +1,184 @@
+//! HTTP plumbing every service stacks the same way: request context, load shedding, serving.
+//!
+//! A service's router ends with
+//! `.layer(from_fn_with_state(ctx, http::request_context))`; `request_context` gives each
+//! request an id (kept from `X-Request-Id` or a new UUIDv7), a span naming it, a timeout
+//! that answers 503 problem+json, and one access-log line. [`serve`] runs the router until
+//! the shutdown future fires, then lets in-flight requests finish within a grace period.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::{MatchedPath, Request, State},
+    http::{HeaderName, HeaderValue},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tracing::Instrument;
+
+use crate::problem::Problem;
+
+/// The request id header, read from clients and set on every response.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id of the request being handled, readable anywhere inside its task.
+pub mod request_id {
+    tokio::task_local! {
+        static REQUEST_ID: String;
+    }
+
+    /// The current request's id, or `None` outside a request (tests, background tasks).
+    pub fn current() -> Option<String> {
+        REQUEST_ID.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `fut` with `id` as the current request id.
+    pub async fn scope<F: std::future::Future>(id: String, fut: F) -> F::Output {
+        REQUEST_ID.scope(id, fut).await
+    }
+
+    /// Keeps a client's id when it is short printable ASCII, so it is safe in logs and headers.
+    pub fn accept_client_id(value: &str) -> bool {
+        (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic())
+    }
+}
+
+/// Settings of [`request_context`].
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// A request still running after this long gets 503 and is dropped.
+    pub timeout: Duration,
+}
+
+/// Request id, span, timeout and access log for every request. Apply with `Router::layer`.
+pub async fn request_context(
+    State(ctx): State<RequestContext>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| request_id::accept_client_id(v))
+        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+    let traceparent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        traceparent = %traceparent,
+    );
+    let started = std::time::Instant::now();
+    let header_id = HeaderValue::from_str(&id).ok();
+
+    let handled = request_id::scope(
+        id,
+        async move {
+            let response = match tokio::time::timeout(ctx.timeout, next.run(request)).await {
+                Ok(response) => response,
+                Err(_) => {
+                    tracing::warn!(timeout = ?ctx.timeout, "request timed out");
+                    Problem::unavailable("the request took longer than the server allows", 1)
+                        .into_response()
+                }
+            };
+            tracing::info!(
+                status = response.status().as_u16(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "request finished"
+            );
+            response
+        }
+        .instrument(span),
+    );
+    let mut response = handled.await;
+    if let Some(value) = header_id {
+        response.headers_mut().insert(X_REQUEST_ID.clone(), value);
+    }
+    response
+}
+
+/// Bounds the requests handled at once; past the bound, answers 503 with `Retry-After`
+/// at once instead of queueing without limit. Apply with `Router::layer`.
+pub async fn shed_load(
+    State(permits): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match permits.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("unmatched", MatchedPath::as_str);
+            tracing::warn!(route, "too many requests in flight, shedding");
+            Problem::unavailable(
+                "the server is at its in-flight request limit; retry shortly",
+                1,
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then stops accepting, lets
+/// in-flight requests finish, and returns once they have or `grace` has passed, whichever
+/// comes first. Returns `true` when every connection drained in time.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = started_tx.send(());
+    };
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(signal)
+    .into_future();
+    tokio::pin!(server);
+
+    let deadline = async move {
+        if started_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = &mut server => result.map(|()| true),
+        () = deadline => {
+            tracing::warn!(?grace, "grace period over with requests still in flight; closing them");
+            Ok(false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_request_ids_are_kept_only_when_safe() {
+        assert!(request_id::accept_client_id("abc-123"));
+        assert!(!request_id::accept_client_id(""));
+        assert!(!request_id::accept_client_id("has space"));
+        assert!(!request_id::accept_client_id("line\nbreak"));
+        assert!(!request_id::accept_client_id(&"x".repeat(129)));
+    }
+}

@@ -1,0 +1,18 @@
+//! Plumbing shared by every service of the suite, and nothing service-specific.
+//!
+//! # Layout
+//! - [`config`]: clap helpers every service's `Settings` reuses (durations, byte sizes, log format).
+//! - [`telemetry`]: `tracing` setup, pretty for people or JSON lines for machines.
+//! - [`shutdown`]: the SIGTERM / Ctrl-C future that starts a graceful shutdown.
+//! - [`problem`]: RFC 9457 `application/problem+json` errors.
+//! - [`http`]: the request-context middleware (request id, span, access log, timeout, load
+//!   shedding) and [`http::serve`], which runs a router until a shutdown future fires and a
+//!   grace period ends.
+//! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
+
+pub mod config;
+pub mod http;
+pub mod problem;
+pub mod prometheus;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,570 @@
+//! The aggregation core: [`MetricsProcessor::process_event`] and
+//! [`MetricsProcessor::get_aggregates`].
+//!
+//! # Data layout
+//! Event types are spread over `shards` mutexes by a hash of the type, so two threads meet
+//! on a lock only when their events share a shard; there is no global lock and no shared
+//! counter on the ingest path. Each type owns a ring of minute slots (`retention` minutes
+//! back plus the allowed future skew); a slot holds count, sum, min, max, a [`MinuteSketch`]
+//! of values and a [`HyperLogLog`] of users. An event lands in the slot of its own minute,
+//! so late events inside the window are counted where they belong, and a slot whose minute
+//! has left the window is reset when its ring position comes round again: old data ages out
+//! by itself, and memory per type is fixed by the ring length.
+//!
+//! Memory is bounded by `max_event_types × ring length × slot size`, where a slot is about
+//! 100 bytes plus 1 KiB of HyperLogLog plus up to 2 × 4 KiB of sketch bins (typically
+//! 1–2 KiB): see the crate README for measurements. Nothing grows with the number of users.
+//!
+//! A query merges, for each type, the slots inside the window into a [`WindowSketch`] and a
+//! HyperLogLog, locking one type at a time so ingest waits at most one type's merge.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use serde::Serialize;
+use xxhash_rust::xxh3::Xxh3Builder;
+
+use crate::{
+    clock::{Clock, SystemClock},
+    ddsketch::{MinuteSketch, WindowSketch},
+    event::{Event, EventType},
+    hyperloglog::HyperLogLog,
+};
+
+const MINUTE_MS: i64 = 60_000;
+
+/// Limits and sizes of a [`MetricsProcessor`].
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// How many minutes of data are kept and queryable.
+    pub retention_minutes: u32,
+    /// Distinct event types tracked at once; events of a further type are refused.
+    pub max_event_types: usize,
+    /// How far ahead of the clock a timestamp may be (client clock drift).
+    pub max_future_skew: Duration,
+    /// Lock shards; rounded up to a power of two.
+    pub shards: usize,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            retention_minutes: 60,
+            max_event_types: 1_000,
+            max_future_skew: Duration::from_secs(60),
+            shards: 64,
+        }
+    }
+}
+
+/// Why an event was refused. Nothing was recorded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum IngestError {
+    /// NaN or ±infinity.
+    #[error("value must be a finite number, got {0}")]
+    NonFiniteValue(f64),
+    /// Older than the oldest minute kept.
+    #[error("timestamp {timestamp} is older than the {retention_minutes}-minute retention window")]
+    TooOld {
+        /// The event's time.
+        timestamp: DateTime<Utc>,
+        /// The configured retention.
+        retention_minutes: u32,
+    },
+    /// Further ahead of the server's clock than allowed.
+    #[error("timestamp {timestamp} is more than {max_skew_secs} s ahead of the server clock")]
+    InFuture {
+        /// The event's time.
+        timestamp: DateTime<Utc>,
+        /// The configured skew, in seconds.
+        max_skew_secs: u64,
+    },
+    /// The type would exceed `max_event_types`.
+    #[error(
+        "{limit} distinct event types are already tracked; `{event_type}` is refused until one ages out"
+    )]
+    TooManyEventTypes {
+        /// The refused type.
+        event_type: EventType,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl IngestError {
+    /// The event field at fault.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::NonFiniteValue(_) => "value",
+            Self::TooOld { .. } | Self::InFuture { .. } => "timestamp",
+            Self::TooManyEventTypes { .. } => "event_type",
+        }
+    }
+
+    /// A short stable name, used as a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NonFiniteValue(_) => "non_finite_value",
+            Self::TooOld { .. } => "too_old",
+            Self::InFuture { .. } => "in_future",
+            Self::TooManyEventTypes { .. } => "event_type_limit",
+        }
+    }
+}
+
+/// Why a query was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// `minutes` is 0 or beyond the retention.
+    #[error("minutes must be between 1 and {max}, got {minutes}")]
+    MinutesOutOfRange {
+        /// What was asked.
+        minutes: u32,
+        /// The retention.
+        max: u32,
+    },
+}
+
+/// Statistics of one event type over a window.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TypeAggregate {
+    /// Events counted.
+    pub count: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Mean value.
+    pub avg: f64,
+    /// Smallest value (exact).
+    pub min: f64,
+    /// Largest value (exact).
+    pub max: f64,
+    /// Median, within 1 % relative error.
+    pub p50: f64,
+    /// 90th percentile, within 1 % relative error.
+    pub p90: f64,
+    /// 99th percentile, within 1 % relative error.
+    pub p99: f64,
+    /// Distinct users, standard error 3.25 %.
+    pub distinct_users: u64,
+}
+
+/// Every event type's statistics over the last `window_minutes` minute buckets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Aggregates {
+    /// The window asked for.
+    pub window_minutes: u32,
+    /// Start of the oldest minute bucket included.
+    pub from: DateTime<Utc>,
+    /// The time of the query.
+    pub to: DateTime<Utc>,
+    /// Statistics by event type, for types with at least one event in the window.
+    pub event_types: BTreeMap<String, TypeAggregate>,
+}
+
+impl Aggregates {
+    /// The seed's flat view: `"checkout.count" → 12.0`, `"checkout.p99" → 830.5`, …
+    pub fn to_flat_map(&self) -> BTreeMap<String, f64> {
+        let mut flat = BTreeMap::new();
+        for (event_type, a) in &self.event_types {
+            let stats = [
+                ("count", a.count as f64),
+                ("sum", a.sum),
+                ("avg", a.avg),
+                ("min", a.min),
+                ("max", a.max),
+                ("p50", a.p50),
+                ("p90", a.p90),
+                ("p99", a.p99),
+                ("distinct_users", a.distinct_users as f64),
+            ];
+            for (name, value) in stats {
+                flat.insert(format!("{event_type}.{name}"), value);
+            }
+        }
+        flat
+    }
+}
+
+/// One event type's minute.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Minutes since the epoch; `EMPTY` when unused.
+    minute: i64,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    values: MinuteSketch,
+    users: HyperLogLog,
+}
+
+impl Slot {
+    const EMPTY: i64 = i64::MIN;
+
+    fn empty() -> Self {
+        Self {
+            minute: Self::EMPTY,
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            values: MinuteSketch::default(),
+            users: HyperLogLog::default(),
+        }
+    }
+
+    /// Starts `minute` in this slot, reusing its allocations.
+    fn restart(&mut self, minute: i64) {
+        self.minute = minute;
+        self.count = 0;
+        self.sum = 0.0;
+        self.min = f64::INFINITY;
+        self.max = f64::NEG_INFINITY;
+        self.values.clear();
+        self.users.clear();
+    }
+
+    /// Empties the slot and frees its memory (for slots that aged out with no successor).
+    fn release(&mut self) {
+        self.minute = Self::EMPTY;
+        self.count = 0;
+        self.values.release();
+        self.users.release();
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.values.heap_bytes() + self.users.heap_bytes()
+    }
+}
+
+/// One event type's ring of minutes.
+#[derive(Debug)]
+struct Series {
+    slots: Box<[Slot]>,
+}
+
+impl Series {
+    fn new(ring_len: usize) -> Self {
+        Self {
+            slots: vec![Slot::empty(); ring_len].into_boxed_slice(),
+        }
+    }
+
+    /// Returns `false` when the slot already holds a newer minute (the event aged out while
+    /// it was being processed).
+    #[inline]
+    fn record(&mut self, minute: i64, value: f64, user_hash: u64) -> bool {
+        let ring_len = self.slots.len() as i64;
+        let slot = &mut self.slots[minute.rem_euclid(ring_len) as usize];
+        if slot.minute != minute {
+            if slot.minute > minute && slot.minute != Slot::EMPTY {
+                return false;
+            }
+            slot.restart(minute);
+        }
+        slot.count += 1;
+        slot.sum += value;
+        slot.min = slot.min.min(value);
+        slot.max = slot.max.max(value);
+        slot.values.add(value);
+        slot.users.insert_hash(user_hash);
+        true
+    }
+
+    /// Merges the slots of minutes `>= from_minute` into `window`.
+    fn merge_into(&self, from_minute: i64, window: &mut WindowAccumulator) {
+        for slot in self
+            .slots
+            .iter()
+            .filter(|s| s.minute != Slot::EMPTY && s.minute >= from_minute)
+        {
+            window.count += slot.count;
+            window.sum += slot.sum;
+            window.min = window.min.min(slot.min);
+            window.max = window.max.max(slot.max);
+            window.values.merge(&slot.values);
+            window.users.merge(&slot.users);
+        }
+    }
+
+    /// Frees slots older than `oldest_minute`; returns whether any slot is still live.
+    fn evict_before(&mut self, oldest_minute: i64) -> bool {
+        let mut live = false;
+        for slot in self.slots.iter_mut() {
+            if slot.minute == Slot::EMPTY {
+                continue;
+            }
+            if slot.minute < oldest_minute {
+                slot.release();
+            } else {
+                live = true;
+            }
+        }
+        live
+    }
+}
+
+/// A window being merged.
+struct WindowAccumulator {
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    values: WindowSketch,
+    users: HyperLogLog,
+}
+
+impl WindowAccumulator {
+    fn new() -> Self {
+        Self {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            values: WindowSketch::default(),
+            users: HyperLogLog::default(),
+        }
+    }
+
+    fn finish(self) -> TypeAggregate {
+        // Sketch quantiles are clamped to the exact extremes, which only improves them.
+        let quantile = |q: f64| {
+            self.values
+                .quantile(q)
+                .map_or(f64::NAN, |v| v.clamp(self.min, self.max))
+        };
+        TypeAggregate {
+            count: self.count,
+            sum: self.sum,
+            avg: self.sum / self.count as f64,
+            min: self.min,
+            max: self.max,
+            p50: quantile(0.5),
+            p90: quantile(0.9),
+            p99: quantile(0.99),
+            distinct_users: self.users.estimate(),
+        }
+    }
+}
+
+/// A shard's types, padded to its own cache lines so neighbouring locks never false-share.
+#[repr(align(128))]
+struct Shard(Mutex<HashMap<EventType, Series, Xxh3Builder>>);
+
+/// Thread-safe, sharded, time-bucketed aggregation of events; see the module docs.
+pub struct MetricsProcessor {
+    shards: Box<[Shard]>,
+    shard_mask: usize,
+    ring_len: usize,
+    config: ProcessorConfig,
+    clock: Arc<dyn Clock>,
+    live_types: AtomicUsize,
+}
+
+impl std::fmt::Debug for MetricsProcessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsProcessor")
+            .field("config", &self.config)
+            .field("live_types", &self.live_event_types())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MetricsProcessor {
+    /// A processor on the wall clock.
+    pub fn new(config: ProcessorConfig) -> Self {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// A processor reading time from `clock`.
+    pub fn with_clock(config: ProcessorConfig, clock: Arc<dyn Clock>) -> Self {
+        let shard_count = config.shards.max(1).next_power_of_two();
+        let skew_minutes = config
+            .max_future_skew
+            .as_millis()
+            .div_ceil(MINUTE_MS as u128) as usize;
+        let ring_len = config.retention_minutes.max(1) as usize + skew_minutes + 1;
+        let shards = (0..shard_count)
+            .map(|_| Shard(Mutex::new(HashMap::with_hasher(Xxh3Builder::new()))))
+            .collect();
+        Self {
+            shards,
+            shard_mask: shard_count - 1,
+            ring_len,
+            config,
+            clock,
+            live_types: AtomicUsize::new(0),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ProcessorConfig {
+        &self.config
+    }
+
+    /// Event types currently tracked (they hold at least one live minute or have not yet
+    /// been swept by [`Self::evict_expired`]).
+    pub fn live_event_types(&self) -> usize {
+        self.live_types.load(Ordering::Relaxed)
+    }
+
+    /// Records `event` in its type's minute. Errors leave every aggregate unchanged.
+    #[inline]
+    pub fn process_event(&self, event: Event) -> Result<(), IngestError> {
+        self.process_at(self.clock.now_millis(), &event)
+    }
+
+    /// Records every event, returning each refusal with its position. One clock read serves
+    /// the whole batch.
+    pub fn process_batch<I>(&self, events: I) -> Vec<(usize, IngestError)>
+    where
+        I: IntoIterator<Item = Event>,
+    {
+        let now = self.clock.now_millis();
+        events
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, event)| self.process_at(now, &event).err().map(|e| (index, e)))
+            .collect()
+    }
+
+    fn process_at(&self, now: i64, event: &Event) -> Result<(), IngestError> {
+        if !event.value.is_finite() {
+            return Err(IngestError::NonFiniteValue(event.value));
+        }
+        let timestamp = event.timestamp.timestamp_millis();
+        let minute = timestamp.div_euclid(MINUTE_MS);
+        if minute < self.oldest_minute(now) {
+            return Err(self.too_old(event));
+        }
+        if timestamp > now.saturating_add(self.config.max_future_skew.as_millis() as i64) {
+            return Err(IngestError::InFuture {
+                timestamp: event.timestamp,
+                max_skew_secs: self.config.max_future_skew.as_secs(),
+            });
+        }
+        let user_hash = xxhash_rust::xxh3::xxh3_64(event.user_id.as_str().as_bytes());
+        let type_hash = xxhash_rust::xxh3::xxh3_64(event.event_type.as_str().as_bytes());
+        let shard = &self.shards[(type_hash as usize) & self.shard_mask];
+        let mut types = shard.0.lock();
+        let recorded = match types.get_mut(&event.event_type) {
+            Some(series) => series.record(minute, event.value, user_hash),
+            None => {
+                self.reserve_type(&event.event_type)?;
+                let mut series = Series::new(self.ring_len);
+                let recorded = series.record(minute, event.value, user_hash);
+                types.insert(event.event_type.clone(), series);
+                recorded
+            }
+        };
+        if recorded {
+            Ok(())
+        } else {
+            Err(self.too_old(event))
+        }
+    }
+
+    fn too_old(&self, event: &Event) -> IngestError {
+        IngestError::TooOld {
+            timestamp: event.timestamp,
+            retention_minutes: self.config.retention_minutes,
+        }
+    }
+
+    /// Takes one of the `max_event_types` places, or refuses.
+    fn reserve_type(&self, event_type: &EventType) -> Result<(), IngestError> {
+        let limit = self.config.max_event_types;
+        self.live_types
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map(drop)
+            .map_err(|_| IngestError::TooManyEventTypes {
+                event_type: event_type.clone(),
+                limit,
+            })
+    }
+
+    /// The oldest minute still inside the retention window at `now`.
+    fn oldest_minute(&self, now: i64) -> i64 {
+        now.div_euclid(MINUTE_MS) - i64::from(self.config.retention_minutes) + 1
+    }
+
+    /// Statistics of every event type over the last `minutes` minute buckets, the current
+    /// (partial) minute included.
+    pub fn get_aggregates(&self, minutes: u32) -> Result<Aggregates, QueryError> {
+        let retention = self.config.retention_minutes;
+        if minutes == 0 || minutes > retention {
+            return Err(QueryError::MinutesOutOfRange {
+                minutes,
+                max: retention,
+            });
+        }
+        let now = self.clock.now_millis();
+        let from_minute = now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1;
+        let mut event_types = BTreeMap::new();
+        for shard in self.shards.iter() {
+            let names: Vec<EventType> = shard.0.lock().keys().cloned().collect();
+            for name in names {
+                let mut window = WindowAccumulator::new();
+                {
+                    let types = shard.0.lock();
+                    let Some(series) = types.get(&name) else {
+                        continue;
+                    };
+                    series.merge_into(from_minute, &mut window);
+                }
+                if window.count > 0 {
+                    event_types.insert(name.as_str().to_owned(), window.finish());
+                }
+            }
+        }
+        Ok(Aggregates {
+            window_minutes: minutes,
+            from: DateTime::from_timestamp_millis(from_minute * MINUTE_MS).unwrap_or_default(),
+            to: DateTime::from_timestamp_millis(now).unwrap_or_default(),
+            event_types,
+        })
+    }
+
+    /// Frees minutes that left the window and forgets types with none left, giving their
+    /// places back to `max_event_types`. The service runs it every few seconds; ingest
+    /// works without it, but idle types keep their memory and places until it runs.
+    /// Returns the number of types forgotten.
+    pub fn evict_expired(&self) -> usize {
+        let oldest = self.oldest_minute(self.clock.now_millis());
+        let mut forgotten = 0;
+        for shard in self.shards.iter() {
+            let mut types = shard.0.lock();
+            let before = types.len();
+            types.retain(|_, series| series.evict_before(oldest));
+            forgotten += before - types.len();
+        }
+        self.live_types.fetch_sub(forgotten, Ordering::AcqRel);
+        forgotten
+    }
+
+    /// Heap bytes held by sketches, summed over every slot (for the memory analysis).
+    pub fn sketch_heap_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                shard
+                    .0
+                    .lock()
+                    .values()
+                    .flat_map(|series| series.slots.iter())
+                    .map(Slot::heap_bytes)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
