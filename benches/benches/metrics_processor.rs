@@ -24,7 +24,9 @@ fn events(count: usize, types: usize, seed: u64) -> Vec<Event> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let type_names: Vec<EventType> = (0..types).map(|t| EventType::parse(&format!("type-{t}")).unwrap()).collect();
+    let type_names: Vec<EventType> = (0..types)
+        .map(|t| EventType::parse(&format!("type-{t}")).unwrap())
+        .collect();
     (0..count)
         .map(|_| {
             let r = next();
@@ -39,33 +41,45 @@ fn events(count: usize, types: usize, seed: u64) -> Vec<Event> {
 }
 
 fn processor(types: usize) -> Arc<MetricsProcessor> {
-    let config = ProcessorConfig { max_event_types: types, ..ProcessorConfig::default() };
-    Arc::new(MetricsProcessor::with_clock(config, Arc::new(ManualClock::new(NOW_MS))))
+    let config = ProcessorConfig {
+        max_event_types: types,
+        ..ProcessorConfig::default()
+    };
+    Arc::new(MetricsProcessor::with_clock(
+        config,
+        Arc::new(ManualClock::new(NOW_MS)),
+    ))
 }
 
 fn process_event(c: &mut Criterion) {
     let mut group = c.benchmark_group("process_event");
     for threads in [1usize, 2] {
         group.throughput(Throughput::Elements(threads as u64));
-        group.bench_with_input(BenchmarkId::new("threads", threads), &threads, |b, &threads| {
-            let processor = processor(1_000);
-            let inputs: Vec<Vec<Event>> = (0..threads).map(|t| events(1 << 16, 1_000, t as u64 + 1)).collect();
-            b.iter_custom(|iters| {
-                thread::scope(|scope| {
-                    let started = Instant::now();
-                    for input in &inputs {
-                        let processor = &processor;
-                        scope.spawn(move || {
-                            for event in input.iter().cycle().take(iters as usize) {
-                                processor.process_event(black_box(event.clone())).unwrap();
-                            }
-                        });
-                    }
-                    started
-                })
-                .elapsed()
-            });
-        });
+        group.bench_with_input(
+            BenchmarkId::new("threads", threads),
+            &threads,
+            |b, &threads| {
+                let processor = processor(1_000);
+                let inputs: Vec<Vec<Event>> = (0..threads)
+                    .map(|t| events(1 << 16, 1_000, t as u64 + 1))
+                    .collect();
+                b.iter_custom(|iters| {
+                    thread::scope(|scope| {
+                        let started = Instant::now();
+                        for input in &inputs {
+                            let processor = &processor;
+                            scope.spawn(move || {
+                                for event in input.iter().cycle().take(iters as usize) {
+                                    processor.process_event(black_box(event.clone())).unwrap();
+                                }
+                            });
+                        }
+                        started
+                    })
+                    .elapsed()
+                });
+            },
+        );
     }
     group.finish();
 }
@@ -76,7 +90,11 @@ fn process_batch(c: &mut Criterion) {
     group.throughput(Throughput::Elements(batch.len() as u64));
     let processor = processor(1_000);
     group.bench_function("1000_events", |b| {
-        b.iter_batched(|| batch.clone(), |events| processor.process_batch(events), criterion::BatchSize::SmallInput);
+        b.iter_batched(
+            || batch.clone(),
+            |events| processor.process_batch(events),
+            criterion::BatchSize::SmallInput,
+        );
     });
     group.finish();
 }
@@ -86,7 +104,10 @@ fn get_aggregates(c: &mut Criterion) {
     group.sample_size(30);
     let clock = Arc::new(ManualClock::new(NOW_MS - 59 * 60_000));
     let processor = Arc::new(MetricsProcessor::with_clock(
-        ProcessorConfig { max_event_types: 1_000, ..ProcessorConfig::default() },
+        ProcessorConfig {
+            max_event_types: 1_000,
+            ..ProcessorConfig::default()
+        },
         clock.clone(),
     ));
     // 60 minutes × 1,000 types, 500 events in every type-minute (30M events).
@@ -100,8 +121,13 @@ fn get_aggregates(c: &mut Criterion) {
             processor.process_event(event).unwrap();
         }
     }
-    assert_eq!(processor.get_aggregates(60).unwrap().event_types.len(), 1_000);
-    group.bench_function("60_minutes_1000_types", |b| b.iter(|| processor.get_aggregates(black_box(60)).unwrap()));
+    assert_eq!(
+        processor.get_aggregates(60).unwrap().event_types.len(),
+        1_000
+    );
+    group.bench_function("60_minutes_1000_types", |b| {
+        b.iter(|| processor.get_aggregates(black_box(60)).unwrap())
+    });
     group.finish();
 }
 

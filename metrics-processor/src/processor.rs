@@ -521,7 +521,10 @@ impl MetricsProcessor {
                 .collect();
             let mut all = BTreeMap::new();
             for part in parts {
-                all.extend(part.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+                all.extend(
+                    part.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
             }
             all
         });
@@ -543,7 +546,9 @@ impl MetricsProcessor {
                 let mut window = WindowAccumulator::new();
                 {
                     let types = shard.0.lock();
-                    let Some(series) = types.get(&name) else { continue };
+                    let Some(series) = types.get(&name) else {
+                        continue;
+                    };
                     series.merge_into(from_minute, &mut window);
                 }
                 if window.count > 0 {
@@ -614,7 +619,14 @@ mod tests {
     fn aggregates_hold_count_sum_avg_min_max_quantiles_and_users() {
         let (_, processor) = setup(ProcessorConfig::default());
         for i in 1..=100 {
-            processor.process_event(event(T0 + 1_000, &format!("u{}", i % 10), "checkout", f64::from(i))).unwrap();
+            processor
+                .process_event(event(
+                    T0 + 1_000,
+                    &format!("u{}", i % 10),
+                    "checkout",
+                    f64::from(i),
+                ))
+                .unwrap();
         }
         let aggregates = processor.get_aggregates(1).unwrap();
         let a = &aggregates.event_types["checkout"];
@@ -637,11 +649,18 @@ mod tests {
     fn late_events_count_in_their_own_minute() {
         let (clock, processor) = setup(ProcessorConfig::default());
         clock.set(T0 + 10 * 60_000 + 5_000);
-        processor.process_event(event(T0 + 10 * 60_000, "u", "login", 1.0)).unwrap();
+        processor
+            .process_event(event(T0 + 10 * 60_000, "u", "login", 1.0))
+            .unwrap();
         // Seven minutes late, still inside the hour.
-        processor.process_event(event(T0 + 3 * 60_000, "u", "login", 7.0)).unwrap();
+        processor
+            .process_event(event(T0 + 3 * 60_000, "u", "login", 7.0))
+            .unwrap();
         let recent = processor.get_aggregates(5).unwrap();
-        assert_eq!(recent.event_types["login"].count, 1, "the late event is not in the last 5 minutes");
+        assert_eq!(
+            recent.event_types["login"].count, 1,
+            "the late event is not in the last 5 minutes"
+        );
         let wider = processor.get_aggregates(8).unwrap();
         assert_eq!(wider.event_types["login"].count, 2);
         assert_eq!(wider.event_types["login"].max, 7.0);
@@ -649,15 +668,28 @@ mod tests {
 
     #[test]
     fn old_data_ages_out_by_itself() {
-        let (clock, processor) = setup(ProcessorConfig { retention_minutes: 5, ..ProcessorConfig::default() });
-        processor.process_event(event(T0, "u", "view", 1.0)).unwrap();
+        let (clock, processor) = setup(ProcessorConfig {
+            retention_minutes: 5,
+            ..ProcessorConfig::default()
+        });
+        processor
+            .process_event(event(T0, "u", "view", 1.0))
+            .unwrap();
         clock.advance(4 * 60_000);
-        assert_eq!(processor.get_aggregates(5).unwrap().event_types["view"].count, 1);
+        assert_eq!(
+            processor.get_aggregates(5).unwrap().event_types["view"].count,
+            1
+        );
         clock.advance(60_000);
-        assert!(processor.get_aggregates(5).unwrap().event_types.is_empty(), "minute 0 left the window");
+        assert!(
+            processor.get_aggregates(5).unwrap().event_types.is_empty(),
+            "minute 0 left the window"
+        );
         // The ring position comes round again: the new minute starts from zero.
         clock.set(T0 + 7 * 60_000 * 10);
-        processor.process_event(event(T0 + 7 * 60_000 * 10, "u", "view", 5.0)).unwrap();
+        processor
+            .process_event(event(T0 + 7 * 60_000 * 10, "u", "view", 5.0))
+            .unwrap();
         let a = &processor.get_aggregates(1).unwrap().event_types["view"];
         assert_eq!((a.count, a.sum), (1, 5.0));
     }
@@ -666,22 +698,37 @@ mod tests {
     fn timestamps_outside_the_window_are_refused_and_change_nothing() {
         let (clock, processor) = setup(ProcessorConfig::default());
         clock.set(T0 + 120 * 60_000);
-        let too_old = processor.process_event(event(T0, "u", "t", 1.0)).unwrap_err();
+        let too_old = processor
+            .process_event(event(T0, "u", "t", 1.0))
+            .unwrap_err();
         assert!(matches!(too_old, IngestError::TooOld { .. }), "{too_old:?}");
         assert_eq!(too_old.field(), "timestamp");
-        let future = processor.process_event(event(T0 + 122 * 60_000, "u", "t", 1.0)).unwrap_err();
+        let future = processor
+            .process_event(event(T0 + 122 * 60_000, "u", "t", 1.0))
+            .unwrap_err();
         assert!(matches!(future, IngestError::InFuture { .. }), "{future:?}");
         // Within the skew is fine.
-        processor.process_event(event(T0 + 120 * 60_000 + 59_000, "u", "t", 1.0)).unwrap();
-        assert_eq!(processor.get_aggregates(60).unwrap().event_types["t"].count, 1);
-        assert_eq!(processor.live_event_types(), 1, "refused events created no type");
+        processor
+            .process_event(event(T0 + 120 * 60_000 + 59_000, "u", "t", 1.0))
+            .unwrap();
+        assert_eq!(
+            processor.get_aggregates(60).unwrap().event_types["t"].count,
+            1
+        );
+        assert_eq!(
+            processor.live_event_types(),
+            1,
+            "refused events created no type"
+        );
     }
 
     #[test]
     fn non_finite_values_are_refused() {
         let (_, processor) = setup(ProcessorConfig::default());
         for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
-            let error = processor.process_event(event(T0, "u", "t", value)).unwrap_err();
+            let error = processor
+                .process_event(event(T0, "u", "t", value))
+                .unwrap_err();
             assert_eq!(error.field(), "value");
         }
         assert!(processor.get_aggregates(60).unwrap().event_types.is_empty());
@@ -697,8 +744,13 @@ mod tests {
         for kind in ["a", "b", "c"] {
             processor.process_event(event(T0, "u", kind, 1.0)).unwrap();
         }
-        let error = processor.process_event(event(T0, "u", "d", 1.0)).unwrap_err();
-        assert!(matches!(error, IngestError::TooManyEventTypes { limit: 3, .. }), "{error:?}");
+        let error = processor
+            .process_event(event(T0, "u", "d", 1.0))
+            .unwrap_err();
+        assert!(
+            matches!(error, IngestError::TooManyEventTypes { limit: 3, .. }),
+            "{error:?}"
+        );
         assert_eq!(error.reason(), "event_type_limit");
         // Known types still work at the cap.
         processor.process_event(event(T0, "u", "a", 1.0)).unwrap();
@@ -707,28 +759,51 @@ mod tests {
         clock.advance(3 * 60_000);
         assert_eq!(processor.evict_expired(), 3);
         assert_eq!(processor.live_event_types(), 0);
-        assert_eq!(processor.sketch_heap_bytes(), 0, "evicted types free their memory");
-        processor.process_event(event(T0 + 3 * 60_000, "u", "d", 1.0)).unwrap();
+        assert_eq!(
+            processor.sketch_heap_bytes(),
+            0,
+            "evicted types free their memory"
+        );
+        processor
+            .process_event(event(T0 + 3 * 60_000, "u", "d", 1.0))
+            .unwrap();
     }
 
     #[test]
     fn query_minutes_must_be_within_retention() {
         let (_, processor) = setup(ProcessorConfig::default());
-        assert_eq!(processor.get_aggregates(0), Err(QueryError::MinutesOutOfRange { minutes: 0, max: 60 }));
-        assert_eq!(processor.get_aggregates(61), Err(QueryError::MinutesOutOfRange { minutes: 61, max: 60 }));
+        assert_eq!(
+            processor.get_aggregates(0),
+            Err(QueryError::MinutesOutOfRange {
+                minutes: 0,
+                max: 60
+            })
+        );
+        assert_eq!(
+            processor.get_aggregates(61),
+            Err(QueryError::MinutesOutOfRange {
+                minutes: 61,
+                max: 60
+            })
+        );
         assert!(processor.get_aggregates(60).is_ok());
     }
 
     #[test]
     fn concurrent_ingest_loses_nothing() {
-        let (_, processor) = setup(ProcessorConfig { shards: 4, ..ProcessorConfig::default() });
+        let (_, processor) = setup(ProcessorConfig {
+            shards: 4,
+            ..ProcessorConfig::default()
+        });
         std::thread::scope(|scope| {
             for thread in 0..4 {
                 let processor = &processor;
                 scope.spawn(move || {
                     for i in 0..10_000 {
                         let kind = format!("type-{}", i % 7);
-                        processor.process_event(event(T0 + 1_000, &format!("u{thread}-{i}"), &kind, 1.0)).unwrap();
+                        processor
+                            .process_event(event(T0 + 1_000, &format!("u{thread}-{i}"), &kind, 1.0))
+                            .unwrap();
                     }
                 });
             }
@@ -736,8 +811,14 @@ mod tests {
         let aggregates = processor.get_aggregates(1).unwrap();
         let total: u64 = aggregates.event_types.values().map(|a| a.count).sum();
         assert_eq!(total, 40_000);
-        let users: u64 = aggregates.event_types.values().map(|a| a.distinct_users).sum();
-        assert!((users as f64 - 40_000.0).abs() / 40_000.0 < 3.0 * crate::hyperloglog::STANDARD_ERROR);
+        let users: u64 = aggregates
+            .event_types
+            .values()
+            .map(|a| a.distinct_users)
+            .sum();
+        assert!(
+            (users as f64 - 40_000.0).abs() / 40_000.0 < 3.0 * crate::hyperloglog::STANDARD_ERROR
+        );
     }
 
     #[test]
@@ -749,20 +830,31 @@ mod tests {
             event(T0 - 3 * 3_600_000, "u", "ok", 1.0),
             event(T0, "u", "ok", 2.0),
         ];
-        let refused: Vec<usize> = processor.process_batch(batch).into_iter().map(|(i, _)| i).collect();
+        let refused: Vec<usize> = processor
+            .process_batch(batch)
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
         assert_eq!(refused, vec![1, 2]);
-        assert_eq!(processor.get_aggregates(1).unwrap().event_types["ok"].count, 2);
+        assert_eq!(
+            processor.get_aggregates(1).unwrap().event_types["ok"].count,
+            2
+        );
     }
 
     #[test]
     fn memory_per_type_does_not_grow_with_users() {
         let (_, processor) = setup(ProcessorConfig::default());
         for user in 0..1_000 {
-            processor.process_event(event(T0, &format!("u{user}"), "t", 1.0)).unwrap();
+            processor
+                .process_event(event(T0, &format!("u{user}"), "t", 1.0))
+                .unwrap();
         }
         let after_thousand = processor.sketch_heap_bytes();
         for user in 1_000..200_000 {
-            processor.process_event(event(T0, &format!("u{user}"), "t", 1.0)).unwrap();
+            processor
+                .process_event(event(T0, &format!("u{user}"), "t", 1.0))
+                .unwrap();
         }
         assert_eq!(processor.sketch_heap_bytes(), after_thousand);
     }

@@ -1,0 +1,107 @@
+//! Probes, metrics, request ids and unknown routes.
+
+use crate::helpers::{event, problem, spawn_app};
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_labelled_by_route() {
+    let app = spawn_app().await;
+    app.post_event(&event("u", "t", 1.0)).await;
+    app.post_event(&serde_json::json!({ "value": 1 })).await;
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = response.text().await.unwrap();
+    for expected in [
+        r#"metrics_processor_http_requests_total{method="POST",route="/v1/events",status="202"} 1"#,
+        r#"metrics_processor_http_requests_total{method="POST",route="/v1/events",status="422"} 1"#,
+        "metrics_processor_events_ingested_total 1",
+        r#"metrics_processor_events_rejected_total{reason="invalid_field"} 1"#,
+        "metrics_processor_http_request_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_or_made() {
+    let app = spawn_app().await;
+    let mine = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mine.headers()["x-request-id"], "trace-me-42");
+    let hostile = app
+        .client
+        .get(app.url("/healthz"))
+        .header("x-request-id", "a b c")
+        .send()
+        .await
+        .unwrap();
+    let made = hostile.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(made, "a b c");
+    assert_eq!(
+        uuid_version(&made),
+        Some('7'),
+        "generated ids are UUIDv7: {made}"
+    );
+}
+
+fn uuid_version(id: &str) -> Option<char> {
+    (id.len() == 36).then(|| id.chars().nth(14)).flatten()
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_are_problems() {
+    let app = spawn_app().await;
+    let body = problem(
+        app.client
+            .get(app.url("/v1/nothing-here"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+    )
+    .await;
+    assert_eq!(body["type"], "urn:problem:not-found");
+    let wrong_method = app
+        .client
+        .delete(app.url("/v1/events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+}

@@ -1,0 +1,153 @@
+//! Graceful shutdown of the real binary with a real SIGTERM: a request already being sent
+//! is finished and answered, new connections are refused, and the process exits 0 in time.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use chrono::{SecondsFormat, Utc};
+
+/// Starts the binary on port 0 and reads the bound address from its JSON log.
+fn start_service(extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_metrics-processor"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("failed to start metrics-processor");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("the service exited before listening")
+            .unwrap();
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if log["fields"]["message"] == "listening" {
+            break log["fields"]["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, address)
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM failed");
+}
+
+fn wait_for_exit(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the service did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn batch_body(events: usize) -> String {
+    let now = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let events: Vec<String> = (0..events)
+        .map(|i| format!(r#"{{"timestamp":"{now}","user_id":"u{i}","event_type":"shutdown.test","value":{i}}}"#))
+        .collect();
+    format!("[{}]", events.join(","))
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_in_time() {
+    let (mut child, address) = start_service(&["--shutdown-grace", "5s"]);
+
+    // A client is half-way through sending a batch when SIGTERM arrives.
+    let body = batch_body(500);
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut stream = TcpStream::connect(&address).unwrap();
+    write!(
+        stream,
+        "POST /v1/events/batch HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{first}",
+        body.len()
+    )
+    .unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+
+    sigterm(&child);
+    let signalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        TcpStream::connect(&address).is_err(),
+        "no new connections once shutdown started"
+    );
+
+    stream.write_all(rest.as_bytes()).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 202"),
+        "the accepted request is answered: {response}"
+    );
+    assert!(response.contains(r#""accepted":500"#), "{response}");
+
+    let (status, _) = wait_for_exit(&mut child, Duration::from_secs(6));
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        signalled.elapsed()
+    );
+}
+
+#[test]
+fn idle_keep_alive_connections_do_not_delay_exit() {
+    let (mut child, address) = start_service(&[]);
+    let mut idle = TcpStream::connect(&address).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut buffer = [0u8; 512];
+    let read = idle.read(&mut buffer).unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"));
+
+    sigterm(&child);
+    let (status, elapsed) = wait_for_exit(&mut child, Duration::from_secs(6));
+    assert!(status.success());
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "an idle connection held shutdown for {elapsed:?}"
+    );
+}
+
+#[test]
+fn a_request_that_outlives_the_grace_period_does_not_hold_the_process() {
+    let (mut child, address) = start_service(&["--shutdown-grace", "1s"]);
+    // Headers promise a body that never comes.
+    let mut stuck = TcpStream::connect(&address).unwrap();
+    write!(
+        stuck,
+        "POST /v1/events/batch HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n["
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    sigterm(&child);
+    let (status, elapsed) = wait_for_exit(&mut child, Duration::from_secs(4));
+    assert!(status.success());
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "the grace period was honoured ({elapsed:?})"
+    );
+}
