@@ -1,0 +1,601 @@
+//! The `metrics` scenario: the metrics-processor in process and over HTTP.
+//!
+//! Stated targets (DESIGN.md), which gate the exit code:
+//! - ≥ 100,000 events/s offered open-loop over HTTP (batches of 100 at 1,000 req/s) with a
+//!   per-event acknowledgement p99 < 1 ms;
+//! - peak RSS of the service < 1 GB;
+//! - exit within 5 s of SIGTERM while under load.
+//!
+//! Goals from the issue, reported met or not: in-process ≥ 20M events/s on 2 threads, HTTP
+//! batch ≥ 1M events/s, single-event HTTP ≥ 50K events/s, `get_aggregates(60)` at 1,000
+//! types p99 ≤ 5 ms, RSS ≤ 256 MB after 60 simulated minutes with 1M users and 1,000 types.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use chrono::{DateTime, SecondsFormat, Utc};
+use hdrhistogram::Histogram;
+use metrics_processor::{
+    Event, EventType, MetricsProcessor, ProcessorConfig, UserId, clock::ManualClock,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    client::{Connection, request},
+    report::{Report, Target},
+    service::{Service, memory_of},
+};
+
+const MB: f64 = 1024.0 * 1024.0;
+
+/// A small deterministic generator (SplitMix64): repeatable runs, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Log-uniform over 1 .. 1000: the spread of latencies in milliseconds.
+    fn value(&mut self) -> f64 {
+        10f64.powf((self.next() >> 11) as f64 / (1u64 << 53) as f64 * 3.0)
+    }
+}
+
+/// `count` events of `types` types from a million users, stamped within a minute before `now_ms`.
+fn events(count: usize, types: usize, now_ms: i64, seed: u64) -> Vec<Event> {
+    let mut rng = Rng(seed);
+    let names: Vec<EventType> = (0..types)
+        .map(|t| EventType::parse(&format!("type-{t}")).unwrap())
+        .collect();
+    (0..count)
+        .map(|_| {
+            let r = rng.next();
+            Event {
+                timestamp: DateTime::from_timestamp_millis(now_ms - (r % 50_000) as i64).unwrap(),
+                user_id: UserId::parse(&format!("user-{}", (r >> 20) % 1_000_000)).unwrap(),
+                event_type: names[(r >> 44) as usize % types].clone(),
+                value: rng.value(),
+            }
+        })
+        .collect()
+}
+
+fn micros(histogram: &Histogram<u64>, q: f64) -> f64 {
+    histogram.value_at_quantile(q) as f64
+}
+
+fn latency_figures(
+    report: &mut Report,
+    prefix: &str,
+    histogram: &Histogram<u64>,
+    scale_to_ms: f64,
+) {
+    report.figure(
+        &format!("{prefix}_p50_ms"),
+        micros(histogram, 0.50) / scale_to_ms,
+    );
+    report.figure(
+        &format!("{prefix}_p99_ms"),
+        micros(histogram, 0.99) / scale_to_ms,
+    );
+    report.figure(
+        &format!("{prefix}_p999_ms"),
+        micros(histogram, 0.999) / scale_to_ms,
+    );
+    report.figure(
+        &format!("{prefix}_max_ms"),
+        histogram.max() as f64 / scale_to_ms,
+    );
+}
+
+/// Runs the scenario.
+pub async fn run(quick: bool) -> anyhow::Result<Report> {
+    let mut report = Report::new("metrics", quick);
+    let phase = if quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(15)
+    };
+
+    println!("metrics: in-process ingest and query …");
+    in_process(&mut report, quick).await?;
+    println!("metrics: memory soak (60 simulated minutes) …");
+    soak(&mut report, quick).await?;
+    println!("metrics: HTTP phases against the real service …");
+    over_http(&mut report, phase).await?;
+    Ok(report)
+}
+
+async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let duration = if quick {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_secs(8)
+    };
+    let quick_copy = quick;
+    let (events_per_second, latency, query) = tokio::task::spawn_blocking(move || {
+        let now = Utc::now().timestamp_millis();
+        let processor = MetricsProcessor::with_clock(
+            ProcessorConfig::default(),
+            Arc::new(ManualClock::new(now)),
+        );
+        let inputs: Vec<Vec<Event>> = (0..2).map(|t| events(1 << 16, 1_000, now, t + 1)).collect();
+
+        // Throughput: two threads, as fast as they go.
+        let processed = AtomicU64::new(0);
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for input in &inputs {
+                let (processor, processed) = (&processor, &processed);
+                scope.spawn(move || {
+                    let mut done = 0u64;
+                    'outer: loop {
+                        for chunk in input.chunks(4096) {
+                            for event in chunk {
+                                processor
+                                    .process_event(event.clone())
+                                    .expect("generated events are valid");
+                            }
+                            done += chunk.len() as u64;
+                            if started.elapsed() >= duration {
+                                break 'outer;
+                            }
+                        }
+                    }
+                    processed.fetch_add(done, Ordering::Relaxed);
+                });
+            }
+        });
+        let events_per_second =
+            processed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+
+        // Latency: every call timed, one thread.
+        let mut latency = Histogram::<u64>::new(3).unwrap();
+        for event in inputs[0]
+            .iter()
+            .cycle()
+            .take(if quick_copy { 500_000 } else { 2_000_000 })
+        {
+            let event = event.clone();
+            let t = Instant::now();
+            processor.process_event(event).unwrap();
+            latency.record(t.elapsed().as_nanos() as u64).unwrap();
+        }
+
+        // Query: 1,000 types with every one of 60 minutes filled (full run only; the
+        // criterion bench `get_aggregates` measures the same with 500 events a slot).
+        let query = (!quick_copy).then(|| {
+            let clock = Arc::new(ManualClock::new(now - 59 * 60_000));
+            let processor = MetricsProcessor::with_clock(ProcessorConfig::default(), clock.clone());
+            let minute = events(200_000, 1_000, now, 99);
+            for m in 0..60i64 {
+                let shift = chrono::Duration::milliseconds(-(59 - m) * 60_000);
+                clock.set(now - (59 - m) * 60_000);
+                for event in &minute {
+                    let mut event = event.clone();
+                    event.timestamp += shift;
+                    processor.process_event(event).unwrap();
+                }
+            }
+            let mut histogram = Histogram::<u64>::new(3).unwrap();
+            for _ in 0..50 {
+                let t = Instant::now();
+                let aggregates = processor.get_aggregates(60).unwrap();
+                histogram.record(t.elapsed().as_micros() as u64).unwrap();
+                assert_eq!(aggregates.event_types.len(), 1_000);
+            }
+            histogram
+        });
+        (events_per_second, latency, query)
+    })
+    .await?;
+
+    report.figure(
+        "in_process_events_per_second_2_threads",
+        events_per_second.round(),
+    );
+    latency_figures(report, "in_process_event_latency", &latency, 1e6);
+    report.goals.push(Target::at_least(
+        "in_process_events_per_second_2_threads",
+        20e6,
+        events_per_second.round(),
+        "events/s",
+    ));
+    if let Some(query) = query {
+        latency_figures(report, "get_aggregates_60m_1000_types", &query, 1e3);
+        report.goals.push(Target::at_most(
+            "get_aggregates_60m_1000_types_p99",
+            5.0,
+            micros(&query, 0.99) / 1e3,
+            "ms",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the soak in a child process, so its RSS is the processor's alone.
+async fn soak(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let mut command = tokio::process::Command::new(me);
+    command.arg("metrics-soak");
+    if quick {
+        command.arg("--quick");
+    }
+    let output = command
+        .output()
+        .await
+        .context("failed to run the soak child")?;
+    if !output.status.success() {
+        bail!(
+            "the soak child failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let result: Value =
+        serde_json::from_slice(&output.stdout).context("the soak child printed no JSON")?;
+    let rss_mb = result["rss_mb"].as_f64().unwrap_or(f64::MAX);
+    if let Value::Object(fields) = &result {
+        for (name, value) in fields {
+            report.figure(&format!("soak_{name}"), value.clone());
+        }
+    }
+    report.goals.push(Target::at_most(
+        "rss_after_60_simulated_minutes",
+        256.0,
+        rss_mb,
+        "MB",
+    ));
+    Ok(())
+}
+
+/// The soak itself (run by `loadtest metrics-soak`): 75 simulated minutes of traffic from a
+/// million users over 1,000 types through one processor, minute by minute on a manual clock,
+/// sweeping as the service does. Prints one JSON object.
+pub fn soak_child(quick: bool) -> anyhow::Result<Value> {
+    let per_second: u64 = if quick { 5_000 } else { 100_000 };
+    let minutes = 75i64;
+    let start = Utc::now().timestamp_millis().div_euclid(60_000) * 60_000 - minutes * 60_000;
+    let clock = Arc::new(ManualClock::new(start));
+    let processor = MetricsProcessor::with_clock(ProcessorConfig::default(), clock.clone());
+    let names: Vec<EventType> = (0..1_000)
+        .map(|t| EventType::parse(&format!("type-{t}")).unwrap())
+        .collect();
+    let started = Instant::now();
+    for minute in 0..minutes {
+        let minute_start = start + minute * 60_000;
+        clock.set(minute_start + 59_999);
+        std::thread::scope(|scope| {
+            for thread in 0..2u64 {
+                let (processor, names) = (&processor, &names);
+                scope.spawn(move || {
+                    let mut rng = Rng((minute as u64) << 8 | thread);
+                    for _ in 0..per_second * 60 / 2 {
+                        let r = rng.next();
+                        let event = Event {
+                            timestamp: DateTime::from_timestamp_millis(
+                                minute_start + (r % 60_000) as i64,
+                            )
+                            .unwrap(),
+                            user_id: UserId::parse(&format!("user-{}", (r >> 20) % 1_000_000))
+                                .unwrap(),
+                            event_type: names[(r >> 44) as usize % names.len()].clone(),
+                            value: rng.value(),
+                        };
+                        processor
+                            .process_event(event)
+                            .expect("soak events are valid");
+                    }
+                });
+            }
+        });
+        processor.evict_expired();
+    }
+    let elapsed = started.elapsed();
+    let (rss, hwm) = memory_of("/proc/self/status")?;
+    let query_started = Instant::now();
+    let aggregates = processor.get_aggregates(60)?;
+    let query_ms = query_started.elapsed().as_secs_f64() * 1e3;
+    // Each type saw per_second × 3600 / 1000 events from a million users over the hour; the
+    // expected distinct count is n (1 − e^(−k/n)).
+    let per_type = (per_second * 3_600 / 1_000) as f64;
+    let expected_users = 1e6 * (1.0 - (-per_type / 1e6).exp());
+    let mean_users = aggregates
+        .event_types
+        .values()
+        .map(|a| a.distinct_users as f64)
+        .sum::<f64>()
+        / aggregates.event_types.len().max(1) as f64;
+    Ok(json!({
+        "simulated_minutes": minutes,
+        "events": per_second * 60 * minutes as u64,
+        "events_per_simulated_second": per_second,
+        "distinct_users": 1_000_000,
+        "event_types": aggregates.event_types.len(),
+        "wall_seconds": elapsed.as_secs_f64(),
+        "rss_mb": rss as f64 / MB,
+        "peak_rss_mb": hwm as f64 / MB,
+        "sketch_heap_mb": processor.sketch_heap_bytes() as f64 / MB,
+        "get_aggregates_60_ms": query_ms,
+        "distinct_users_per_type_expected": expected_users.round(),
+        "distinct_users_per_type_estimated_mean": mean_users.round(),
+    }))
+}
+
+fn event_json(rng: &mut Rng, timestamp: &str, types: usize) -> String {
+    let r = rng.next();
+    format!(
+        r#"{{"timestamp":"{timestamp}","user_id":"user-{}","event_type":"type-{}","value":{:.3}}}"#,
+        (r >> 20) % 1_000_000,
+        (r >> 44) as usize % types,
+        rng.value()
+    )
+}
+
+fn batch_requests(count: usize, events_each: usize, seed: u64) -> Vec<Arc<Vec<u8>>> {
+    let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut rng = Rng(seed);
+    (0..count)
+        .map(|_| {
+            let events: Vec<String> = (0..events_each)
+                .map(|_| event_json(&mut rng, &timestamp, 100))
+                .collect();
+            Arc::new(request(
+                "POST",
+                "/v1/events/batch",
+                "application/json",
+                format!("[{}]", events.join(",")).as_bytes(),
+            ))
+        })
+        .collect()
+}
+
+/// What a group of connections achieved.
+struct Outcome {
+    accepted_requests: u64,
+    failed_requests: u64,
+    latency_us: Histogram<u64>,
+    elapsed: Duration,
+}
+
+/// `connections` clients, each sending its next request when the last is answered.
+async fn closed_loop(
+    address: &str,
+    connections: usize,
+    duration: Duration,
+    requests: Arc<Vec<Arc<Vec<u8>>>>,
+) -> anyhow::Result<Outcome> {
+    paced(address, connections, None, duration, requests).await
+}
+
+/// `connections` clients sending on a fixed schedule (`rate` requests/s in all) when given,
+/// back to back otherwise. Latency is measured from the moment a request is written.
+async fn paced(
+    address: &str,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    requests: Arc<Vec<Arc<Vec<u8>>>>,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let mut connection = Connection::open(address).await?;
+        let requests = Arc::clone(&requests);
+        let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new(3).unwrap();
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let first = tokio::time::Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / connections as f64));
+            let mut k = 0u32;
+            while started.elapsed() < duration {
+                if let Some(interval) = interval {
+                    tokio::time::sleep_until(first + interval * k).await;
+                }
+                let request = &requests[(k as usize * connections + c) % requests.len()];
+                let sent = Instant::now();
+                match connection.send(request).await {
+                    Ok((202, _)) => ok += 1,
+                    Ok(_) | Err(_) => failed += 1,
+                }
+                histogram.record(sent.elapsed().as_micros() as u64).unwrap();
+                k += 1;
+            }
+            (ok, failed, histogram)
+        }));
+    }
+    let mut outcome = Outcome {
+        accepted_requests: 0,
+        failed_requests: 0,
+        latency_us: Histogram::new(3).unwrap(),
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        let (ok, failed, histogram) = task.await?;
+        outcome.accepted_requests += ok;
+        outcome.failed_requests += failed;
+        outcome.latency_us.add(histogram).unwrap();
+    }
+    outcome.elapsed = started.elapsed();
+    Ok(outcome)
+}
+
+async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
+    let service = Service::start("metrics-processor", &[]).await?;
+    let address = service.address.clone();
+    let mut acknowledged = 0u64;
+
+    // Single events, 16 connections back to back.
+    let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+    let mut rng = Rng(5);
+    let singles: Vec<Arc<Vec<u8>>> = (0..4_096)
+        .map(|_| {
+            Arc::new(request(
+                "POST",
+                "/v1/events",
+                "application/json",
+                event_json(&mut rng, &timestamp, 100).as_bytes(),
+            ))
+        })
+        .collect();
+    let single = closed_loop(&address, 16, phase, Arc::new(singles)).await?;
+    let single_rate = single.accepted_requests as f64 / single.elapsed.as_secs_f64();
+    acknowledged += single.accepted_requests;
+    report.figure("http_single_events_per_second", single_rate.round());
+    report.figure("http_single_failed_requests", single.failed_requests);
+    latency_figures(
+        report,
+        "http_single_request_latency",
+        &single.latency_us,
+        1e3,
+    );
+    report.goals.push(Target::at_least(
+        "http_single_events_per_second",
+        50_000.0,
+        single_rate.round(),
+        "events/s",
+    ));
+
+    // Batches of 1,000, 4 connections back to back.
+    let batches = closed_loop(&address, 4, phase, Arc::new(batch_requests(16, 1_000, 6))).await?;
+    let batch_rate = (batches.accepted_requests * 1_000) as f64 / batches.elapsed.as_secs_f64();
+    acknowledged += batches.accepted_requests * 1_000;
+    report.figure("http_batch_events_per_second", batch_rate.round());
+    report.figure("http_batch_failed_requests", batches.failed_requests);
+    latency_figures(
+        report,
+        "http_batch_1000_request_latency",
+        &batches.latency_us,
+        1e3,
+    );
+    report.goals.push(Target::at_least(
+        "http_batch_events_per_second",
+        1e6,
+        batch_rate.round(),
+        "events/s",
+    ));
+
+    // The stated target: 100K events/s offered open-loop as 1,000 batches of 100 per second.
+    let offered = paced(
+        &address,
+        8,
+        Some(1_000.0),
+        phase,
+        Arc::new(batch_requests(64, 100, 7)),
+    )
+    .await?;
+    let offered_rate = (offered.accepted_requests * 100) as f64 / offered.elapsed.as_secs_f64();
+    acknowledged += offered.accepted_requests * 100;
+    report.figure("http_paced_failed_requests", offered.failed_requests);
+    latency_figures(report, "http_paced_event_latency", &offered.latency_us, 1e3);
+    // A 3 % allowance for the schedule's start-up and tokio's 1 ms timer granularity.
+    report.targets.push(Target::at_least(
+        "http_events_per_second_sustained",
+        97_000.0,
+        offered_rate.round(),
+        "events/s",
+    ));
+    report.targets.push(Target::below(
+        "http_event_latency_p99",
+        1.0,
+        micros(&offered.latency_us, 0.99) / 1e3,
+        "ms",
+    ));
+    report.targets.push(Target::at_most(
+        "http_failed_requests",
+        0.0,
+        (single.failed_requests + batches.failed_requests + offered.failed_requests) as f64,
+        "requests",
+    ));
+
+    // Nothing acknowledged was lost: the service counts exactly what it acknowledged.
+    let mut connection = Connection::open(&address).await?;
+    let (status, body) = connection
+        .send(&request(
+            "GET",
+            "/v1/aggregates?minutes=60",
+            "application/json",
+            b"",
+        ))
+        .await?;
+    if status != 200 {
+        bail!("GET /v1/aggregates answered {status}");
+    }
+    let aggregates: Value = serde_json::from_slice(&body)?;
+    let counted: u64 = aggregates["event_types"].as_object().map_or(0, |types| {
+        types.values().filter_map(|t| t["count"].as_u64()).sum()
+    });
+    report.figure("events_acknowledged", acknowledged);
+    report.figure("events_counted_by_service", counted);
+    report.targets.push(Target::at_most(
+        "acknowledged_events_missing",
+        0.0,
+        acknowledged.abs_diff(counted) as f64,
+        "events",
+    ));
+
+    // Shutdown under load: two clients keep sending batches while SIGTERM arrives.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let requests = Arc::new(batch_requests(4, 1_000, 8));
+    let mut loaders = Vec::new();
+    for _ in 0..2 {
+        let mut connection = Connection::open(&address).await?;
+        let (stop, answered, requests) = (
+            Arc::clone(&stop),
+            Arc::clone(&answered),
+            Arc::clone(&requests),
+        );
+        loaders.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match connection.send(&requests[i % requests.len()]).await {
+                    Ok((202, _)) => answered.fetch_add(1, Ordering::Relaxed),
+                    _ => break,
+                };
+                i += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, hwm) = service.memory()?;
+    report.figure("service_rss_mb", rss as f64 / MB);
+    report.targets.push(Target::below(
+        "service_peak_rss",
+        1024.0,
+        hwm as f64 / MB,
+        "MB",
+    ));
+    let (took, clean) = service.terminate(Duration::from_secs(10)).await?;
+    stop.store(true, Ordering::Relaxed);
+    for loader in loaders {
+        loader.await.ok();
+    }
+    report.figure("shutdown_clean_exit", clean);
+    report.figure(
+        "shutdown_batches_answered_under_load",
+        answered.load(Ordering::Relaxed),
+    );
+    report.targets.push(Target::below(
+        "shutdown_under_load",
+        5.0,
+        if clean {
+            took.as_secs_f64()
+        } else {
+            f64::INFINITY
+        },
+        "s",
+    ));
+    Ok(())
+}

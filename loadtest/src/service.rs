@@ -1,0 +1,112 @@
+//! Running a service binary as a child process, reading its memory, and stopping it.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// A service started by the load test.
+pub struct Service {
+    child: Child,
+    /// `host:port` it listens on.
+    pub address: String,
+}
+
+/// Finds `name` next to the loadtest binary (both live in `target/<profile>/`).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("failed to locate the loadtest binary")?;
+    let path = me
+        .parent()
+        .context("the loadtest binary has no folder")?
+        .join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it first with `cargo build --release --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl Service {
+    /// Starts `name` on `127.0.0.1:0` with `args`, and waits for its `listening` log line.
+    pub async fn start(name: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary(name)?)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn,metrics_processor=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("failed to start {name}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let address = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = lines.next_line().await? {
+                let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if log["fields"]["message"] == "listening" {
+                    return Ok(log["fields"]["addr"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned());
+                }
+            }
+            bail!("{name} exited before listening")
+        })
+        .await
+        .with_context(|| format!("{name} did not start listening within 10 s"))??;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, address })
+    }
+
+    /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.
+    pub fn memory(&self) -> anyhow::Result<(u64, u64)> {
+        let pid = self.child.id().context("the service has exited")?;
+        memory_of(&format!("/proc/{pid}/status"))
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how long it took and whether it was clean.
+    pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
+        let pid = self.child.id().context("the service has already exited")?;
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => Ok((started.elapsed(), status?.success())),
+            Err(_) => {
+                self.child.kill().await.ok();
+                Ok((started.elapsed(), false))
+            }
+        }
+    }
+}
+
+/// Reads VmRSS and VmHWM from a `/proc/<pid>/status` file.
+pub fn memory_of(status_path: &str) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(status_path)
+        .with_context(|| format!("failed to read {status_path}"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
