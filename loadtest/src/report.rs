@@ -119,8 +119,8 @@ pub fn table(reports: &[Report]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<6} {:<40} {:>14} {:>16} {:<8} {}",
-        "scenario", "kind", "name", "required", "measured", "unit", "result"
+        "{:<10} {:<6} {:<40} {:>14} {:>16} {:<8} result",
+        "scenario", "kind", "name", "required", "measured", "unit"
     );
     for report in reports {
         let rows = report
