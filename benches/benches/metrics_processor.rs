@@ -1,5 +1,6 @@
 //! Benchmarks of the metrics-processor core: ingest on one and two threads, batch ingest,
-//! and `get_aggregates(60)` over 1,000 event types with every minute filled.
+//! and `get_aggregates(60)` over 1,000 event types with every minute filled, warm (the
+//! sealed minutes cached, as when a dashboard polls) and cold (every minute merged).
 //!
 //! Run: `cargo bench -p benches --bench metrics_processor`.
 

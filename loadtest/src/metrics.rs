@@ -188,14 +188,25 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                     processor.process_event(event).unwrap();
                 }
             }
-            let mut histogram = Histogram::<u64>::new(3).unwrap();
-            for _ in 0..50 {
+            // Warm: the same window polled again (sealed minutes cached, as after the
+            // service's warmer ran); cold: alternating windows, every minute merged.
+            let mut warm = Histogram::<u64>::new(3).unwrap();
+            let mut cold = Histogram::<u64>::new(3).unwrap();
+            processor.get_aggregates(60).unwrap();
+            for i in 0..60 {
                 let t = Instant::now();
                 let aggregates = processor.get_aggregates(60).unwrap();
-                histogram.record(t.elapsed().as_micros() as u64).unwrap();
+                warm.record(t.elapsed().as_micros() as u64).unwrap();
                 assert_eq!(aggregates.event_types.len(), 1_000);
+                let t = Instant::now();
+                let aggregates = processor
+                    .get_aggregates(if i % 2 == 0 { 59 } else { 60 })
+                    .unwrap();
+                cold.record(t.elapsed().as_micros() as u64).unwrap();
+                assert_eq!(aggregates.event_types.len(), 1_000);
+                processor.get_aggregates(60).unwrap();
             }
-            histogram
+            (warm, cold)
         });
         (events_per_second, latency, query)
     })
@@ -212,12 +223,21 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         events_per_second.round(),
         "events/s",
     ));
-    if let Some(query) = query {
-        latency_figures(report, "get_aggregates_60m_1000_types", &query, 1e3);
+    if let Some((warm, cold)) = query {
+        latency_figures(report, "get_aggregates_60m_1000_types_warm", &warm, 1e3);
+        latency_figures(report, "get_aggregates_60m_1000_types_cold", &cold, 1e3);
+        let warm_p99 = micros(&warm, 0.99) / 1e3;
+        let cold_p99 = micros(&cold, 0.99) / 1e3;
         report.goals.push(Target::at_most(
-            "get_aggregates_60m_1000_types_p99",
+            "get_aggregates_60m_1000_types_warm_p99",
             5.0,
-            micros(&query, 0.99) / 1e3,
+            warm_p99,
+            "ms",
+        ));
+        report.goals.push(Target::at_most(
+            "get_aggregates_60m_1000_types_cold_p99",
+            5.0,
+            cold_p99,
             "ms",
         ));
     }

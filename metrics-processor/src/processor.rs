@@ -16,7 +16,12 @@
 //! 1–2 KiB): see the crate README for measurements. Nothing grows with the number of users.
 //!
 //! A query merges, for each type, the slots inside the window into a [`WindowSketch`] and a
-//! HyperLogLog, locking one type at a time so ingest waits at most one type's merge.
+//! HyperLogLog, locking one type at a time so ingest waits at most one type's merge, and
+//! spreading the shards over every core. Minutes older than the previous one rarely change,
+//! so each type keeps the merge of those "sealed" minutes for the last window asked: a
+//! repeated query merges one cached window plus two live minutes instead of up to sixty,
+//! and a late event into a cached minute drops that type's cache (see ADR 0001 and the
+//! `get_aggregates` benches for the cold and warm costs).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -245,16 +250,28 @@ impl Slot {
     }
 }
 
-/// One event type's ring of minutes.
+/// One event type's ring of minutes, and the merge of its sealed minutes.
 #[derive(Debug)]
 struct Series {
     slots: Box<[Slot]>,
+    /// The last merge of minutes `from..=to`, all older than the previous minute. A query
+    /// for the same window reuses it and merges only the live minutes on top; a write into
+    /// a cached minute (a late event) invalidates it, so it is never stale.
+    sealed: Option<Box<SealedWindow>>,
+}
+
+#[derive(Debug)]
+struct SealedWindow {
+    from: i64,
+    to: i64,
+    window: WindowAccumulator,
 }
 
 impl Series {
     fn new(ring_len: usize) -> Self {
         Self {
             slots: vec![Slot::empty(); ring_len].into_boxed_slice(),
+            sealed: None,
         }
     }
 
@@ -276,15 +293,21 @@ impl Series {
         slot.max = slot.max.max(value);
         slot.values.add(value);
         slot.users.insert_hash(user_hash);
+        if let Some(sealed) = &mut self.sealed
+            && minute <= sealed.to
+        {
+            // Keep the allocation; an impossible range never matches a query.
+            sealed.to = i64::MIN;
+        }
         true
     }
 
-    /// Merges the slots of minutes `>= from_minute` into `window`.
-    fn merge_into(&self, from_minute: i64, window: &mut WindowAccumulator) {
+    /// Merges the slots of minutes `from..=to` into `window`.
+    fn merge_range(&self, from: i64, to: i64, window: &mut WindowAccumulator) {
         for slot in self
             .slots
             .iter()
-            .filter(|s| s.minute != Slot::EMPTY && s.minute >= from_minute)
+            .filter(|s| s.minute != Slot::EMPTY && (from..=to).contains(&s.minute))
         {
             window.count += slot.count;
             window.sum += slot.sum;
@@ -293,6 +316,34 @@ impl Series {
             window.values.merge(&slot.values);
             window.users.merge(&slot.users);
         }
+    }
+
+    /// The merge of minutes `from..` at `now_minute`: the sealed part from the cache when it
+    /// matches (else merged and cached), then the previous and current minutes, which may
+    /// still change, merged on top.
+    fn window(&mut self, from: i64, now_minute: i64) -> WindowAccumulator {
+        let sealed_to = now_minute - 2;
+        if sealed_to < from {
+            let mut window = WindowAccumulator::new();
+            self.merge_range(from, i64::MAX, &mut window);
+            return window;
+        }
+        let mut window = match &self.sealed {
+            Some(sealed) if sealed.from == from && sealed.to == sealed_to => sealed.window.clone(),
+            _ => {
+                let mut merged = WindowAccumulator::new();
+                self.merge_range(from, sealed_to, &mut merged);
+                let window = merged.clone();
+                self.sealed = Some(Box::new(SealedWindow {
+                    from,
+                    to: sealed_to,
+                    window: merged,
+                }));
+                window
+            }
+        };
+        self.merge_range(sealed_to + 1, i64::MAX, &mut window);
+        window
     }
 
     /// Frees slots older than `oldest_minute`; returns whether any slot is still live.
@@ -308,11 +359,26 @@ impl Series {
                 live = true;
             }
         }
+        if self
+            .sealed
+            .as_ref()
+            .is_some_and(|sealed| sealed.from < oldest_minute)
+        {
+            self.sealed = None;
+        }
         live
+    }
+
+    fn heap_bytes(&self) -> usize {
+        let sealed = self.sealed.as_ref().map_or(0, |s| {
+            s.window.values.heap_bytes() + s.window.users.heap_bytes()
+        });
+        self.slots.iter().map(Slot::heap_bytes).sum::<usize>() + sealed
     }
 }
 
 /// A window being merged.
+#[derive(Debug, Clone)]
 struct WindowAccumulator {
     count: u64,
     sum: f64,
@@ -509,7 +575,8 @@ impl MetricsProcessor {
             });
         }
         let now = self.clock.now_millis();
-        let from_minute = now.div_euclid(MINUTE_MS) - i64::from(minutes) + 1;
+        let now_minute = now.div_euclid(MINUTE_MS);
+        let from_minute = now_minute - i64::from(minutes) + 1;
         // Shards are independent, so the merge runs on every core (see the get_aggregates bench).
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let chunk = self.shards.len().div_ceil(threads);
@@ -517,7 +584,9 @@ impl MetricsProcessor {
             let parts: Vec<_> = self
                 .shards
                 .chunks(chunk)
-                .map(|shards| scope.spawn(move || Self::merge_shards(shards, from_minute)))
+                .map(|shards| {
+                    scope.spawn(move || Self::merge_shards(shards, from_minute, now_minute))
+                })
                 .collect();
             let mut all = BTreeMap::new();
             for part in parts {
@@ -538,19 +607,22 @@ impl MetricsProcessor {
 
     /// Merges the window of every type in `shards`, locking one type at a time so ingest
     /// never waits longer than one type's merge.
-    fn merge_shards(shards: &[Shard], from_minute: i64) -> Vec<(String, TypeAggregate)> {
+    fn merge_shards(
+        shards: &[Shard],
+        from_minute: i64,
+        now_minute: i64,
+    ) -> Vec<(String, TypeAggregate)> {
         let mut merged = Vec::new();
         for shard in shards {
             let names: Vec<EventType> = shard.0.lock().keys().cloned().collect();
             for name in names {
-                let mut window = WindowAccumulator::new();
-                {
-                    let types = shard.0.lock();
-                    let Some(series) = types.get(&name) else {
+                let window = {
+                    let mut types = shard.0.lock();
+                    let Some(series) = types.get_mut(&name) else {
                         continue;
                     };
-                    series.merge_into(from_minute, &mut window);
-                }
+                    series.window(from_minute, now_minute)
+                };
                 if window.count > 0 {
                     merged.push((name.as_str().to_owned(), window.finish()));
                 }
@@ -585,8 +657,7 @@ impl MetricsProcessor {
                     .0
                     .lock()
                     .values()
-                    .flat_map(|series| series.slots.iter())
-                    .map(Slot::heap_bytes)
+                    .map(Series::heap_bytes)
                     .sum::<usize>()
             })
             .sum()
@@ -857,5 +928,85 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(processor.sketch_heap_bytes(), after_thousand);
+    }
+
+    #[test]
+    fn cached_windows_always_equal_a_fresh_merge() {
+        // Late events, minute rollovers and changing windows, each query checked against a
+        // processor that replays every event and has never cached anything.
+        let (clock, processor) = setup(ProcessorConfig::default());
+        let mut replayed: Vec<Event> = Vec::new();
+        let mut state = 17u64;
+        let mut next = move |bound: u64| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 33) % bound
+        };
+        clock.set(T0 + 20 * 60_000);
+        let mut queries = 0;
+        for step in 0..600 {
+            let now = clock.now_millis();
+            match next(10) {
+                0 => clock.advance(20_000 + next(60_000) as i64),
+                1..=6 => {
+                    // Mostly recent, sometimes up to 40 minutes late.
+                    let late = if next(4) == 0 {
+                        next(40 * 60_000)
+                    } else {
+                        next(90_000)
+                    } as i64;
+                    let e = event(
+                        now - late,
+                        &format!("u{}", next(50)),
+                        &format!("t{}", next(5)),
+                        next(1_000) as f64,
+                    );
+                    processor.process_event(e.clone()).unwrap();
+                    replayed.push(e);
+                }
+                _ => {
+                    let minutes = [1u32, 2, 3, 10, 60][next(5) as usize];
+                    let fresh = MetricsProcessor::with_clock(
+                        ProcessorConfig::default(),
+                        Arc::new(ManualClock::new(now)),
+                    );
+                    for e in &replayed {
+                        let _ = fresh.process_event(e.clone());
+                    }
+                    let cached = processor.get_aggregates(minutes).unwrap();
+                    assert_eq!(
+                        cached,
+                        fresh.get_aggregates(minutes).unwrap(),
+                        "step {step}"
+                    );
+                    queries += usize::from(!cached.event_types.is_empty());
+                }
+            }
+        }
+        assert!(
+            queries > 50,
+            "the walk must exercise non-empty windows, got {queries}"
+        );
+    }
+
+    #[test]
+    fn a_late_event_into_a_cached_minute_shows_up_at_once() {
+        let (clock, processor) = setup(ProcessorConfig::default());
+        clock.set(T0 + 10 * 60_000 + 30_000);
+        for minute in 0..=10 {
+            processor
+                .process_event(event(T0 + minute * 60_000, "u", "t", 1.0))
+                .unwrap();
+        }
+        assert_eq!(
+            processor.get_aggregates(60).unwrap().event_types["t"].count,
+            11
+        );
+        processor
+            .process_event(event(T0 + 3 * 60_000, "late", "t", 500.0))
+            .unwrap();
+        let a = &processor.get_aggregates(60).unwrap().event_types["t"];
+        assert_eq!((a.count, a.max, a.distinct_users), (12, 500.0, 2));
     }
 }

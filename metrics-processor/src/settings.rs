@@ -51,7 +51,8 @@ pub struct Settings {
     /// How long a shutdown waits for in-flight requests before closing them.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
-    /// How often minutes that left the window are freed.
+    /// How often minutes that left the window are freed and the full window's cache is
+    /// re-warmed (it is also re-warmed just after every minute boundary).
     #[arg(long, env = "EVICT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub evict_interval: Duration,
     /// Logging.

@@ -87,21 +87,10 @@ impl Application {
             .context("failed to read the bound address")?;
         tracing::info!(addr = %address, "listening");
 
-        let processor = Arc::clone(&self.processor);
-        let interval = self.settings.evict_interval.max(Duration::from_millis(100));
-        let sweeper = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(interval);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                let processor = Arc::clone(&processor);
-                match tokio::task::spawn_blocking(move || processor.evict_expired()).await {
-                    Ok(0) => {}
-                    Ok(forgotten) => tracing::debug!(forgotten, "idle event types forgotten"),
-                    Err(error) => tracing::error!(%error, "eviction sweep failed"),
-                }
-            }
-        });
+        let sweeper = tokio::spawn(sweep(
+            Arc::clone(&self.processor),
+            self.settings.evict_interval,
+        ));
 
         let ready = self.state.readiness();
         let shutdown = async move {
@@ -126,5 +115,30 @@ impl Application {
             );
         }
         Ok(())
+    }
+}
+
+/// Frees minutes that left the window, and keeps the full-retention window's cache warm:
+/// it runs every `interval` and just after each minute boundary, when every type's sealed
+/// minutes change, so a dashboard's next query finds the merge done.
+async fn sweep(processor: Arc<MetricsProcessor>, interval: Duration) {
+    let interval = interval.max(Duration::from_millis(100));
+    loop {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let to_next_minute =
+            Duration::from_millis((60_000 - now_ms.rem_euclid(60_000)) as u64 + 100);
+        tokio::time::sleep(interval.min(to_next_minute)).await;
+        let processor = Arc::clone(&processor);
+        let swept = tokio::task::spawn_blocking(move || {
+            let forgotten = processor.evict_expired();
+            let _warm = processor.get_aggregates(processor.config().retention_minutes);
+            forgotten
+        })
+        .await;
+        match swept {
+            Ok(0) => {}
+            Ok(forgotten) => tracing::debug!(forgotten, "idle event types forgotten"),
+            Err(error) => tracing::error!(%error, "sweep failed"),
+        }
     }
 }
