@@ -171,6 +171,16 @@ pub async fn not_found() -> Problem {
     Problem::not_found()
 }
 
+/// The method fallback: a known path with the wrong method gets a 405 problem.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this path does not accept that method",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

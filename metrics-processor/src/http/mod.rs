@@ -177,6 +177,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(from_fn_with_state(http_metrics, track_http))
         .fallback(problem::not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
         .with_state(state)
         .layer(from_fn_with_state(
             RequestContext {
