@@ -63,9 +63,18 @@ impl HyperLogLog {
         if self.registers.is_empty() {
             return 0;
         }
+        // Most registers hold one of a few values, so a single histogram makes every increment
+        // wait for the previous one to the same counter; four interleaved ones break that chain
+        // (bench get_aggregates/60_minutes_1000_types, where this function was 29 % of the time).
+        let mut partial = [[0u32; MAX_RANK + 1]; 4];
+        for registers in self.registers.chunks_exact(4) {
+            for (lane, &register) in registers.iter().enumerate() {
+                partial[lane][register as usize] += 1;
+            }
+        }
         let mut histogram = [0u32; MAX_RANK + 1];
-        for &register in &self.registers {
-            histogram[register as usize] += 1;
+        for (k, count) in histogram.iter_mut().enumerate() {
+            *count = partial.iter().map(|lane| lane[k]).sum();
         }
         let m = REGISTERS as f64;
         let q = MAX_RANK - 1;
