@@ -458,6 +458,34 @@ async fn paced(
     Ok(outcome)
 }
 
+/// Records a back-to-back phase's event rate (with its goal), failures and request latency;
+/// returns the events acknowledged.
+fn record_phase(
+    report: &mut Report,
+    name: &str,
+    outcome: &Outcome,
+    events_per_request: u64,
+    goal: f64,
+) -> u64 {
+    let acknowledged = outcome.accepted_requests * events_per_request;
+    let rate = (acknowledged as f64 / outcome.elapsed.as_secs_f64()).round();
+    report.figure(&format!("{name}_events_per_second"), rate);
+    report.figure(&format!("{name}_failed_requests"), outcome.failed_requests);
+    latency_figures(
+        report,
+        &format!("{name}_request_latency"),
+        &outcome.latency_us,
+        1e3,
+    );
+    report.goals.push(Target::at_least(
+        &format!("{name}_events_per_second"),
+        goal,
+        rate,
+        "events/s",
+    ));
+    acknowledged
+}
+
 async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let service = Service::start("metrics-processor", &[]).await?;
     let address = service.address.clone();
@@ -477,41 +505,11 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         })
         .collect();
     let single = closed_loop(&address, 16, phase, Arc::new(singles)).await?;
-    let single_rate = single.accepted_requests as f64 / single.elapsed.as_secs_f64();
-    acknowledged += single.accepted_requests;
-    report.figure("http_single_events_per_second", single_rate.round());
-    report.figure("http_single_failed_requests", single.failed_requests);
-    latency_figures(
-        report,
-        "http_single_request_latency",
-        &single.latency_us,
-        1e3,
-    );
-    report.goals.push(Target::at_least(
-        "http_single_events_per_second",
-        50_000.0,
-        single_rate.round(),
-        "events/s",
-    ));
+    acknowledged += record_phase(report, "http_single", &single, 1, 50_000.0);
 
     // Batches of 1,000, 4 connections back to back.
     let batches = closed_loop(&address, 4, phase, Arc::new(batch_requests(16, 1_000, 6))).await?;
-    let batch_rate = (batches.accepted_requests * 1_000) as f64 / batches.elapsed.as_secs_f64();
-    acknowledged += batches.accepted_requests * 1_000;
-    report.figure("http_batch_events_per_second", batch_rate.round());
-    report.figure("http_batch_failed_requests", batches.failed_requests);
-    latency_figures(
-        report,
-        "http_batch_1000_request_latency",
-        &batches.latency_us,
-        1e3,
-    );
-    report.goals.push(Target::at_least(
-        "http_batch_events_per_second",
-        1e6,
-        batch_rate.round(),
-        "events/s",
-    ));
+    acknowledged += record_phase(report, "http_batch", &batches, 1_000, 1e6);
 
     // The stated target: 100K events/s offered open-loop as 1,000 batches of 100 per second.
     let offered = paced(

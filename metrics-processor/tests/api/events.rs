@@ -323,15 +323,7 @@ async fn the_event_type_limit_is_a_clear_error_and_a_metric() {
         "known types still flow"
     );
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains(r#"metrics_processor_events_rejected_total{reason="event_type_limit"} 1"#),
         "{metrics}"
@@ -359,12 +351,7 @@ async fn a_full_server_sheds_with_503_and_retry_after() {
         "shed requests record nothing"
     );
     assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        app.get("/healthz").await.status(),
         200,
         "probes are never shed"
     );

@@ -55,6 +55,14 @@ impl TestApp {
         format!("{}{path}", self.address)
     }
 
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request failed")
+    }
+
     pub async fn post_raw(
         &self,
         path: &str,
@@ -83,11 +91,7 @@ impl TestApp {
     }
 
     pub async fn aggregates(&self, query: &str) -> reqwest::Response {
-        self.client
-            .get(self.url(&format!("/v1/aggregates{query}")))
-            .send()
-            .await
-            .expect("request failed")
+        self.get(&format!("/v1/aggregates{query}")).await
     }
 
     /// The count of `kind` over the whole retention, 0 when absent.

@@ -5,24 +5,8 @@ use crate::helpers::{event, problem, spawn_app};
 #[tokio::test]
 async fn health_and_readiness_answer() {
     let app = spawn_app().await;
-    assert_eq!(
-        app.client
-            .get(app.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    assert_eq!(app.get("/readyz").await.status(), 200);
 }
 
 #[tokio::test]
@@ -30,7 +14,7 @@ async fn metrics_are_prometheus_text_labelled_by_route() {
     let app = spawn_app().await;
     app.post_event(&event("u", "t", 1.0)).await;
     app.post_event(&serde_json::json!({ "value": 1 })).await;
-    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -87,15 +71,7 @@ fn uuid_version(id: &str) -> Option<char> {
 #[tokio::test]
 async fn unknown_paths_and_methods_are_problems() {
     let app = spawn_app().await;
-    let body = problem(
-        app.client
-            .get(app.url("/v1/nothing-here"))
-            .send()
-            .await
-            .unwrap(),
-        404,
-    )
-    .await;
+    let body = problem(app.get("/v1/nothing-here").await, 404).await;
     assert_eq!(body["type"], "urn:problem:not-found");
     let wrong_method = app
         .client
