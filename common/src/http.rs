@@ -6,17 +6,24 @@
 //! that answers 503 problem+json, and one access-log line. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::{MatchedPath, Request, State},
+    body::Body,
+    extract::{ConnectInfo, MatchedPath, Request, State},
     http::{HeaderName, HeaderValue},
     middleware::Next,
     response::{IntoResponse, Response},
-    serve::ListenerExt,
+};
+use hyper::body::Incoming;
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto::Builder, graceful::GracefulShutdown},
+    service::TowerToHyperService,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::problem::Problem;
@@ -136,45 +143,77 @@ pub async fn shed_load(
     }
 }
 
+/// How [`serve`] treats connections.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeSettings {
+    /// Once shutdown starts, how long requests in flight may take to finish.
+    pub grace: Duration,
+    /// A client must send a request's whole head within this long, or its connection is
+    /// closed. axum's own `serve` installs no timer, so without this a client that dribbles
+    /// header bytes (slowloris) holds a connection and a file descriptor for ever.
+    pub header_read_timeout: Duration,
+}
+
 /// Serves `router` on `listener` until `shutdown` completes, then stops accepting, lets
-/// in-flight requests finish, and returns once they have or `grace` has passed, whichever
-/// comes first. Returns `true` when every connection drained in time.
+/// requests in flight finish, and returns once they have or the grace period has passed,
+/// whichever comes first. Returns `true` when every connection drained in time.
+///
+/// This is axum's accept loop with two additions: a hyper timer, so the header read timeout
+/// applies, and `TCP_NODELAY` on every connection (responses are written whole; Nagle would
+/// only hold small ones back behind delayed ACKs). Each request carries the peer's
+/// [`ConnectInfo`], and upgrades (WebSocket) are supported.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
+    settings: ServeSettings,
 ) -> std::io::Result<bool> {
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        let _ = started_tx.send(());
-    };
-    // Responses are written whole; Nagle would only hold small ones back behind delayed ACKs.
-    let listener = listener.tap_io(|stream| {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "failed to set TCP_NODELAY");
         }
-    });
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(signal)
-    .into_future();
-    tokio::pin!(server);
+        let router = router.clone();
+        let service = tower::service_fn(move |request: hyper::Request<Incoming>| {
+            let mut request = request.map(Body::new);
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
 
-    let deadline = async move {
-        if started_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
+    drop(listener);
     tokio::select! {
-        result = &mut server => result.map(|()| true),
-        () = deadline => {
-            tracing::warn!(?grace, "grace period over with requests still in flight; closing them");
+        () = graceful.shutdown() => Ok(true),
+        () = tokio::time::sleep(settings.grace) => {
+            tracing::warn!(grace = ?settings.grace, "grace period over with requests still in flight; closing them");
             Ok(false)
         }
     }

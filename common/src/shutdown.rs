@@ -1,31 +1,41 @@
 //! The future that starts a graceful shutdown: SIGTERM (what orchestrators send) or Ctrl-C.
 
-/// Completes on the first SIGTERM or Ctrl-C. Pass it to `run_until_stopped`.
-pub async fn signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C; only SIGTERM stops this process");
+use std::future::Future;
+
+/// Completes on the first SIGTERM or Ctrl-C (SIGINT). Pass it to `run_until_stopped`.
+///
+/// The handlers are installed when this is called, not when the future is first polled, so
+/// a signal that arrives while the service is still starting is not lost to the default
+/// action (which would kill the process without draining). Call it inside the runtime.
+pub fn signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                    _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
+                    _ = interrupt.recv() => tracing::info!("Ctrl-C received, shutting down"),
+                },
+                (terminate, interrupt) => {
+                    let error = terminate.err().or(interrupt.err()).map(|e| e.to_string());
+                    tracing::error!(
+                        ?error,
+                        "cannot listen for SIGTERM/SIGINT; only a kill stops this process"
+                    );
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("Ctrl-C received, shutting down");
+        } else {
             std::future::pending::<()>().await;
         }
-    };
-
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C received, shutting down"),
-        () = terminate => tracing::info!("SIGTERM received, shutting down"),
     }
 }

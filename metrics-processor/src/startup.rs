@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context;
+use common::http::ServeSettings;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -99,14 +100,14 @@ impl Application {
             tracing::info!("shutdown started: no new connections, draining in-flight requests");
         };
         let started = std::time::Instant::now();
-        let drained = common::http::serve(
-            self.listener,
-            router(self.state),
-            shutdown,
-            self.settings.shutdown_grace,
-        )
-        .await
-        .context("server failed")?;
+        let serve_settings = ServeSettings {
+            grace: self.settings.shutdown_grace,
+            header_read_timeout: self.settings.header_read_timeout,
+        };
+        let drained =
+            common::http::serve(self.listener, router(self.state), shutdown, serve_settings)
+                .await
+                .context("server failed")?;
         sweeper.abort();
         if drained {
             tracing::info!(

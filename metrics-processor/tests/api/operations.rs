@@ -81,3 +81,34 @@ async fn unknown_paths_and_methods_are_problems() {
         .unwrap();
     assert_eq!(wrong_method.status(), 405);
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.header_read_timeout = std::time::Duration::from_millis(500)
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&address).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow.read_to_end(&mut buffer),
+    )
+    .await;
+    assert!(closed.is_ok(), "the connection was still open after 5 s");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(400),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+
+    // Everyone else is served as before.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
