@@ -48,7 +48,8 @@ pub struct Settings {
     /// Longest a request may run before it is answered with 503.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-    /// How long a client may take to send a request's head before its connection is closed.
+    /// How long a client may take to send a request's head before its connection is closed;
+    /// also how long a keep-alive connection may sit idle between requests.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
     /// How long a shutdown waits for in-flight requests before closing them.
