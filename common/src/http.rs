@@ -18,11 +18,13 @@ use axum::{
 };
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto::Builder, graceful::GracefulShutdown},
+    rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -148,32 +150,37 @@ pub async fn shed_load(
 pub struct ServeSettings {
     /// Once shutdown starts, how long requests in flight may take to finish.
     pub grace: Duration,
-    /// A client must send a request's whole head within this long, or its connection is
-    /// closed. axum's own `serve` installs no timer, so without this a client that dribbles
-    /// header bytes (slowloris) holds a connection and a file descriptor for ever.
+    /// A client must send a request's whole head within this long, from the moment its
+    /// connection is accepted or its previous response was sent, or the connection is
+    /// closed. axum's own `serve` installs no timer, so without this a client that sends
+    /// nothing, or dribbles header bytes (slowloris), holds a connection and a file
+    /// descriptor for ever.
     pub header_read_timeout: Duration,
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then stops accepting, lets
-/// requests in flight finish, and returns once they have or the grace period has passed,
-/// whichever comes first. Returns `true` when every connection drained in time.
+/// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes, then stops
+/// accepting, lets requests in flight finish, and returns once they have or the grace period
+/// has passed, whichever comes first. Returns `true` when every connection drained in time.
 ///
-/// This is axum's accept loop with two additions: a hyper timer, so the header read timeout
-/// applies, and `TCP_NODELAY` on every connection (responses are written whole; Nagle would
-/// only hold small ones back behind delayed ACKs). Each request carries the peer's
-/// [`ConnectInfo`], and upgrades (WebSocket) are supported.
+/// This is axum's accept loop with hyper's HTTP/1 builder used directly (hyper-util's
+/// auto-detecting builder first sniffs for HTTP/2 with no timer running), a Tokio timer so the
+/// header read timeout applies, and `TCP_NODELAY` on every connection (responses are written
+/// whole; Nagle would only hold small ones back behind delayed ACKs). Each request carries the
+/// peer's [`ConnectInfo`], and upgrades (WebSocket) are supported.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
     settings: ServeSettings,
 ) -> std::io::Result<bool> {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout);
-    let graceful = GracefulShutdown::new();
+    // Dropping `stop_tx` tells every connection to finish its request and close; each
+    // connection holds a `done_rx`, so `done_tx.closed()` completes when the last one ends.
+    let (stop_tx, stop_rx) = watch::channel(());
+    let (done_tx, done_rx) = watch::channel(());
     tokio::pin!(shutdown);
 
     loop {
@@ -199,19 +206,30 @@ pub async fn serve(
             router.clone().oneshot(request)
         });
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-            .into_owned();
-        let connection = graceful.watch(connection);
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .with_upgrades();
+        let (mut stop_rx, done_rx) = (stop_rx.clone(), done_rx.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop_rx.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
+            drop(done_rx);
         });
     }
 
     drop(listener);
+    drop(stop_tx);
+    drop(done_rx);
     tokio::select! {
-        () = graceful.shutdown() => Ok(true),
+        () = done_tx.closed() => Ok(true),
         () = tokio::time::sleep(settings.grace) => {
             tracing::warn!(grace = ?settings.grace, "grace period over with requests still in flight; closing them");
             Ok(false)

@@ -45,6 +45,10 @@ pub struct Settings {
     /// Requests handled at once; past it the service answers 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 1_024)]
     pub max_in_flight: usize,
+    /// Batch requests handled at once; past it they get 503 with Retry-After. Each may hold
+    /// MAX_BATCH_BYTES of body plus its parsed events, so this bounds their memory.
+    #[arg(long, env = "MAX_BATCHES_IN_FLIGHT", default_value_t = 8)]
+    pub max_batches_in_flight: usize,
     /// Longest a request may run before it is answered with 503.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -82,6 +86,7 @@ impl Settings {
             max_batch_bytes: self.max_batch_bytes,
             max_batch_events: self.max_batch_events,
             max_in_flight: self.max_in_flight,
+            max_batches_in_flight: self.max_batches_in_flight,
             request_timeout: self.request_timeout,
         }
     }

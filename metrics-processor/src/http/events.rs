@@ -152,19 +152,16 @@ pub async fn ingest_batch(
     let limit = state.limits.max_batch_events;
 
     let parsed: Vec<(Option<usize>, Result<Event, wire::Rejection>)> = match format {
-        BodyFormat::Json => {
-            let wire: Vec<wire::WireEvent<'_>> =
-                serde_json::from_slice(&body).map_err(|error| {
-                    state.metrics.rejected("malformed", 1);
-                    Problem::malformed(format!(
-                        "the body is not a valid JSON array of events: {error}"
-                    ))
-                })?;
-            if wire.len() > limit {
-                return Err(too_many(limit));
+        BodyFormat::Json => match wire::parse_array(&body, limit) {
+            Ok(events) => events.into_iter().map(|w| (None, w.into_event())).collect(),
+            Err(wire::ArrayError::TooMany) => return Err(too_many(limit)),
+            Err(wire::ArrayError::Malformed(error)) => {
+                state.metrics.rejected("malformed", 1);
+                return Err(Problem::malformed(format!(
+                    "the body is not a valid JSON array of events: {error}"
+                )));
             }
-            wire.into_iter().map(|w| (None, w.into_event())).collect()
-        }
+        },
         BodyFormat::Ndjson => {
             let mut parsed = Vec::new();
             for (number, line) in body.split(|&b| b == b'\n').enumerate() {

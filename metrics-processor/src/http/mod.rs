@@ -49,6 +49,9 @@ pub struct HttpLimits {
     pub max_batch_events: usize,
     /// Most requests handled at once before shedding with 503.
     pub max_in_flight: usize,
+    /// Most batch requests handled at once before shedding with 503: each may hold a body of
+    /// `max_batch_bytes` and its parsed events, so this bounds their memory.
+    pub max_batches_in_flight: usize,
     /// Longest a request may take.
     pub request_timeout: std::time::Duration,
 }
@@ -157,6 +160,7 @@ pub fn router(state: AppState) -> Router {
     let http_metrics = state.http_metrics.clone();
     let limits = Arc::clone(&state.limits);
     let permits = Arc::new(Semaphore::new(limits.max_in_flight));
+    let batch_permits = Arc::new(Semaphore::new(limits.max_batches_in_flight));
 
     let api = Router::new()
         .route(
@@ -165,7 +169,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/events/batch",
-            post(events::ingest_batch).layer(DefaultBodyLimit::max(limits.max_batch_bytes)),
+            post(events::ingest_batch)
+                .layer(DefaultBodyLimit::max(limits.max_batch_bytes))
+                .layer(from_fn_with_state(batch_permits, shed_load)),
         )
         .route("/v1/aggregates", get(aggregates::get_aggregates))
         .layer(from_fn_with_state(permits, shed_load));

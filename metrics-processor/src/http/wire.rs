@@ -264,6 +264,69 @@ impl WireEvent<'_> {
     }
 }
 
+/// Why a JSON array of events could not be read.
+#[derive(Debug)]
+pub enum ArrayError {
+    /// Broken JSON, or not an array.
+    Malformed(serde_json::Error),
+    /// More than the allowed number of elements; reading stopped at the first one too many.
+    TooMany,
+}
+
+/// Reads a JSON array of at most `limit` events, stopping at the first element past the
+/// limit, so an oversized batch never costs more than `limit` parsed elements.
+pub fn parse_array(body: &[u8], limit: usize) -> Result<Vec<WireEvent<'_>>, ArrayError> {
+    let too_many = std::cell::Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let events = serde::de::DeserializeSeed::deserialize(
+        BoundedArray {
+            limit,
+            too_many: &too_many,
+        },
+        &mut deserializer,
+    )
+    .and_then(|events| deserializer.end().map(|()| events));
+    match events {
+        Ok(events) => Ok(events),
+        Err(_) if too_many.get() => Err(ArrayError::TooMany),
+        Err(error) => Err(ArrayError::Malformed(error)),
+    }
+}
+
+struct BoundedArray<'c> {
+    limit: usize,
+    too_many: &'c std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BoundedArray<'_> {
+    type Value = Vec<WireEvent<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedArray<'_> {
+    type Value = Vec<WireEvent<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "an array of at most {} events", self.limit)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut events =
+            Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.limit).min(4_096));
+        while let Some(event) = seq.next_element::<WireEvent<'de>>()? {
+            if events.len() == self.limit {
+                self.too_many.set(true);
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            events.push(event);
+        }
+        Ok(events)
+    }
+}
+
 /// Reads one event from a JSON body. `Err` means the JSON itself is broken.
 pub fn parse_one(body: &[u8]) -> Result<Result<Event, Rejection>, serde_json::Error> {
     serde_json::from_slice::<WireEvent<'_>>(body).map(WireEvent::into_event)
@@ -381,6 +444,32 @@ mod tests {
         ] {
             assert!(parse_one(json.as_bytes()).is_err(), "{json}");
         }
+    }
+
+    #[test]
+    fn arrays_stop_at_the_limit() {
+        let one =
+            r#"{"timestamp":"2026-01-01T12:00:00Z","user_id":"u","event_type":"t","value":1}"#;
+        let three = format!("[{one},{one},{one}]");
+        assert_eq!(parse_array(three.as_bytes(), 3).unwrap().len(), 3);
+        assert!(matches!(
+            parse_array(three.as_bytes(), 2),
+            Err(ArrayError::TooMany)
+        ));
+        // The limit is found before the rest is even read: trailing garbage is not reached.
+        assert!(matches!(
+            parse_array(b"[{},{},{},!!!", 2),
+            Err(ArrayError::TooMany)
+        ));
+        assert!(matches!(
+            parse_array(b"[{}] trailing", 5),
+            Err(ArrayError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_array(b"{}", 5),
+            Err(ArrayError::Malformed(_))
+        ));
+        assert_eq!(parse_array(b"[]", 5).unwrap().len(), 0);
     }
 
     #[test]

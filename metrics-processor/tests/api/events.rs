@@ -339,6 +339,37 @@ async fn the_event_type_limit_is_a_clear_error_and_a_metric() {
 }
 
 #[tokio::test]
+async fn a_huge_array_is_refused_at_the_limit_without_parsing_it_all() {
+    let app = spawn_app_with(|s| s.max_batch_events = 1_000).await;
+    // 16 MiB of empty objects: 5.6M elements. Reading stops at element 1,001.
+    let body = format!("[{}{{}}]", "{},".repeat((16 << 20) / 3 - 1));
+    let response = app
+        .post_raw("/v1/events/batch", Some("application/json"), body)
+        .await;
+    let body = problem(response, 413).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000 events"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn batches_beyond_their_own_in_flight_bound_are_shed() {
+    let app = spawn_app_with(|s| s.max_batches_in_flight = 0).await;
+    let response = app.post_batch(&[event("u", "t", 1.0)]).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    problem(response, 503).await;
+    assert_eq!(
+        app.post_event(&event("u", "t", 1.0)).await.status(),
+        202,
+        "single events are not affected"
+    );
+}
+
+#[tokio::test]
 async fn a_full_server_sheds_with_503_and_retry_after() {
     let app = spawn_app_with(|s| s.max_in_flight = 0).await;
     let response = app.post_event(&event("u", "t", 1.0)).await;
