@@ -318,14 +318,15 @@ impl Series {
         }
     }
 
-    /// The merge of minutes `from..` at `now_minute`: the sealed part from the cache when it
+    /// The merge of minutes `from..=now_minute`: the sealed part from the cache when it
     /// matches (else merged and cached), then the previous and current minutes, which may
-    /// still change, merged on top.
+    /// still change, merged on top. Minutes after `now_minute` (events up to the allowed
+    /// clock skew ahead) join the windows once their minute has come.
     fn window(&mut self, from: i64, now_minute: i64) -> WindowAccumulator {
         let sealed_to = now_minute - 2;
         if sealed_to < from {
             let mut window = WindowAccumulator::new();
-            self.merge_range(from, i64::MAX, &mut window);
+            self.merge_range(from, now_minute, &mut window);
             return window;
         }
         let mut window = match &self.sealed {
@@ -342,7 +343,7 @@ impl Series {
                 window
             }
         };
-        self.merge_range(sealed_to + 1, i64::MAX, &mut window);
+        self.merge_range(sealed_to + 1, now_minute, &mut window);
         window
     }
 
@@ -1008,5 +1009,21 @@ mod tests {
             .unwrap();
         let a = &processor.get_aggregates(60).unwrap().event_types["t"];
         assert_eq!((a.count, a.max, a.distinct_users), (12, 500.0, 2));
+    }
+
+    #[test]
+    fn events_ahead_of_the_clock_count_once_their_minute_comes() {
+        let (clock, processor) = setup(ProcessorConfig::default());
+        // At 00:00:30 an event stamped 00:01:10 is accepted (within the 60 s skew) …
+        processor
+            .process_event(event(T0 + 70_000, "u", "early", 1.0))
+            .unwrap();
+        // … but no window ending now holds it yet.
+        assert!(processor.get_aggregates(60).unwrap().event_types.is_empty());
+        clock.set(T0 + 60_000);
+        assert_eq!(
+            processor.get_aggregates(1).unwrap().event_types["early"].count,
+            1
+        );
     }
 }
