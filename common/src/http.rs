@@ -1,9 +1,9 @@
 //! HTTP plumbing every service stacks the same way: request context, load shedding, serving.
 //!
-//! A service's router ends with
-//! `.layer(from_fn_with_state(ctx, http::request_context))`; `request_context` gives each
-//! request an id (kept from `X-Request-Id` or a new UUIDv7), a span naming it, a timeout
-//! that answers 503 problem+json, and one access-log line. [`serve`] runs the router until
+//! A service's router ends with `.layer(from_fn(http::request_context))`, which gives each
+//! request an id (kept from `X-Request-Id` or a new UUIDv7), a span naming it, and one
+//! access-log line; [`time_limit`] and [`shed_load`] answer 503 problem+json for requests
+//! that run too long or arrive when too many are in flight. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -55,19 +55,8 @@ pub mod request_id {
     }
 }
 
-/// Settings of [`request_context`].
-#[derive(Clone, Debug)]
-pub struct RequestContext {
-    /// A request still running after this long gets 503 and is dropped.
-    pub timeout: Duration,
-}
-
-/// Request id, span, timeout and access log for every request. Apply with `Router::layer`.
-pub async fn request_context(
-    State(ctx): State<RequestContext>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// Request id, span and access log for every request. Apply with `Router::layer`.
+pub async fn request_context(request: Request, next: Next) -> Response {
     let id = request
         .headers()
         .get(&X_REQUEST_ID)
@@ -93,14 +82,7 @@ pub async fn request_context(
     let handled = request_id::scope(
         id,
         async move {
-            let response = match tokio::time::timeout(ctx.timeout, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => {
-                    tracing::warn!(timeout = ?ctx.timeout, "request timed out");
-                    Problem::unavailable("the request took longer than the server allows", 1)
-                        .into_response()
-                }
-            };
+            let response = next.run(request).await;
             // Server errors are always logged; the rest only at debug, since a service
             // answering 50K requests/s cannot afford a log line for each.
             let status = response.status().as_u16();
@@ -119,6 +101,20 @@ pub async fn request_context(
         response.headers_mut().insert(X_REQUEST_ID.clone(), value);
     }
     response
+}
+
+/// Answers 503 for a request still running after `limit`, and drops it. Apply with
+/// `Router::route_layer` *before* the metrics layer, so timed-out requests are counted as the
+/// 503s they are.
+pub async fn time_limit(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(?limit, "request timed out");
+            Problem::unavailable("the request took longer than the server allows", 1)
+                .into_response()
+        }
+    }
 }
 
 /// Bounds the requests handled at once; past the bound, answers 503 with `Retry-After`

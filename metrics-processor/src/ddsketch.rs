@@ -74,6 +74,12 @@ impl<C: Count> Store<C> {
             let new_offset = index.max(highest - MAX_BINS as i32 + 1);
             if new_offset < self.offset {
                 let grow = (self.offset - new_offset) as usize;
+                // Reserve exactly: `splice` alone may double the capacity past MAX_BINS.
+                let wanted = (self.bins.len() + grow)
+                    .next_multiple_of(GROWTH_STEP)
+                    .min(MAX_BINS);
+                self.bins
+                    .reserve_exact(wanted.saturating_sub(self.bins.len()));
                 self.bins
                     .splice(0..0, std::iter::repeat_n(C::default(), grow));
                 self.offset = new_offset;
@@ -343,6 +349,29 @@ mod tests {
         assert!(
             ((top - 1.5e300) / 1.5e300).abs() <= RELATIVE_ACCURACY,
             "the top is never collapsed: {top}"
+        );
+    }
+
+    #[test]
+    fn growing_downwards_never_reserves_past_the_cap() {
+        // 992 ascending bins, then a value 32 bins lower (the case that used to double).
+        let mut sketch = MinuteSketch::default();
+        for i in 0..992 {
+            sketch.add(GAMMA.powi(i));
+        }
+        sketch.add(GAMMA.powi(-32));
+        assert!(
+            sketch.heap_bytes() <= MAX_BINS * 4,
+            "{} bytes",
+            sketch.heap_bytes()
+        );
+        for i in 0..3000 {
+            sketch.add(GAMMA.powi(-i));
+        }
+        assert!(
+            sketch.heap_bytes() <= MAX_BINS * 4,
+            "{} bytes",
+            sketch.heap_bytes()
         );
     }
 

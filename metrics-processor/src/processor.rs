@@ -46,6 +46,11 @@ use crate::{
 
 const MINUTE_MS: i64 = 60_000;
 
+/// The largest accepted `|value|`. Far beyond any measurement, and small enough that sums of
+/// any realistic number of values stay finite (a sum that overflowed would be `inf`, which
+/// JSON cannot carry).
+pub const MAX_ABS_VALUE: f64 = 1e15;
+
 /// Limits and sizes of a [`MetricsProcessor`].
 #[derive(Debug, Clone)]
 pub struct ProcessorConfig {
@@ -73,9 +78,9 @@ impl Default for ProcessorConfig {
 /// Why an event was refused. Nothing was recorded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IngestError {
-    /// NaN or ±infinity.
-    #[error("value must be a finite number, got {0}")]
-    NonFiniteValue(f64),
+    /// NaN, ±infinity, or beyond ±[`MAX_ABS_VALUE`].
+    #[error("value must be a finite number within ±1e15, got {0}")]
+    ValueOutOfRange(f64),
     /// Older than the oldest minute kept.
     #[error("timestamp {timestamp} is older than the {retention_minutes}-minute retention window")]
     TooOld {
@@ -108,7 +113,7 @@ impl IngestError {
     /// The event field at fault.
     pub fn field(&self) -> &'static str {
         match self {
-            Self::NonFiniteValue(_) => "value",
+            Self::ValueOutOfRange(_) => "value",
             Self::TooOld { .. } | Self::InFuture { .. } => "timestamp",
             Self::TooManyEventTypes { .. } => "event_type",
         }
@@ -117,7 +122,7 @@ impl IngestError {
     /// A short stable name, used as a metric label.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::NonFiniteValue(_) => "non_finite_value",
+            Self::ValueOutOfRange(_) => "value_out_of_range",
             Self::TooOld { .. } => "too_old",
             Self::InFuture { .. } => "in_future",
             Self::TooManyEventTypes { .. } => "event_type_limit",
@@ -504,8 +509,8 @@ impl MetricsProcessor {
     }
 
     fn process_at(&self, now: i64, event: &Event) -> Result<(), IngestError> {
-        if !event.value.is_finite() {
-            return Err(IngestError::NonFiniteValue(event.value));
+        if !event.value.is_finite() || event.value.abs() > MAX_ABS_VALUE {
+            return Err(IngestError::ValueOutOfRange(event.value));
         }
         let timestamp = event.timestamp.timestamp_millis();
         let minute = timestamp.div_euclid(MINUTE_MS);
@@ -643,9 +648,12 @@ impl MetricsProcessor {
             let mut types = shard.0.lock();
             let before = types.len();
             types.retain(|_, series| series.evict_before(oldest));
-            forgotten += before - types.len();
+            // Give the places back while the shard is still locked, so a type forgotten here
+            // and seen again at once never meets a stale count at the cap.
+            let gone = before - types.len();
+            self.live_types.fetch_sub(gone, Ordering::AcqRel);
+            forgotten += gone;
         }
-        self.live_types.fetch_sub(forgotten, Ordering::AcqRel);
         forgotten
     }
 
@@ -795,15 +803,28 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_values_are_refused() {
+    fn non_finite_and_huge_values_are_refused() {
         let (_, processor) = setup(ProcessorConfig::default());
-        for value in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        processor
+            .process_event(event(T0, "u", "edge", MAX_ABS_VALUE))
+            .unwrap();
+        processor
+            .process_event(event(T0, "u", "edge", -MAX_ABS_VALUE))
+            .unwrap();
+        for value in [
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            1.0001e15,
+            -1e308,
+        ] {
             let error = processor
                 .process_event(event(T0, "u", "t", value))
                 .unwrap_err();
             assert_eq!(error.field(), "value");
         }
-        assert!(processor.get_aggregates(60).unwrap().event_types.is_empty());
+        let edge = &processor.get_aggregates(60).unwrap().event_types["edge"];
+        assert_eq!((edge.count, edge.sum), (2, 0.0));
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct Settings {
     /// also how long a keep-alive connection may sit idle between requests.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
+    /// Once shutdown starts, how long to keep serving with /readyz failing before the
+    /// listener closes, so load balancers stop sending first. 0 closes at once; the exit then
+    /// takes up to this plus SHUTDOWN_GRACE.
+    #[arg(long, env = "SHUTDOWN_READINESS_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_readiness_delay: Duration,
     /// How long a shutdown waits for in-flight requests before closing them.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

@@ -94,10 +94,19 @@ impl Application {
         ));
 
         let ready = self.state.readiness();
+        let readiness_delay = self.settings.shutdown_readiness_delay;
         let shutdown = async move {
             shutdown.await;
             ready.store(false, Ordering::Release);
-            tracing::info!("shutdown started: no new connections, draining in-flight requests");
+            if !readiness_delay.is_zero() {
+                // Keep serving while balancers see /readyz fail and stop sending.
+                tracing::info!(
+                    ?readiness_delay,
+                    "shutdown started: not ready, still serving"
+                );
+                tokio::time::sleep(readiness_delay).await;
+            }
+            tracing::info!("no new connections, draining in-flight requests");
         };
         let started = std::time::Instant::now();
         let serve_settings = ServeSettings {

@@ -20,12 +20,12 @@ use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, State},
     http::StatusCode,
-    middleware::from_fn_with_state,
+    middleware::{from_fn, from_fn_with_state},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use common::{
-    http::{RequestContext, request_context, shed_load},
+    http::{request_context, shed_load, time_limit},
     problem::{self, Problem},
     prometheus::{HttpMetrics, latency_histogram, track_http},
 };
@@ -59,7 +59,7 @@ pub struct HttpLimits {
 /// Label of a refused event.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// `malformed`, `invalid_field`, `too_old`, `in_future`, `non_finite_value`, `event_type_limit`.
+    /// `malformed`, `invalid_field`, `too_old`, `in_future`, `value_out_of_range`, `event_type_limit`.
     pub reason: &'static str,
 }
 
@@ -181,16 +181,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route_layer(from_fn_with_state(limits.request_timeout, time_limit))
         .route_layer(from_fn_with_state(http_metrics, track_http))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .with_state(state)
-        .layer(from_fn_with_state(
-            RequestContext {
-                timeout: limits.request_timeout,
-            },
-            request_context,
-        ))
+        .layer(from_fn(request_context))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

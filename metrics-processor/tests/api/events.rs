@@ -81,6 +81,10 @@ async fn each_bad_field_is_named() {
             "value",
         ),
         (
+            json!({ "timestamp": now, "user_id": "u", "event_type": "t", "value": 1e300 }),
+            "value",
+        ),
+        (
             json!({ "timestamp": now, "user_id": "u", "event_type": "", "value": 1 }),
             "event_type",
         ),

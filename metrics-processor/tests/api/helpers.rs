@@ -11,7 +11,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub processor: Arc<MetricsProcessor>,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Spawns the service with default settings.
@@ -36,7 +36,7 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
         address,
         client: reqwest::Client::new(),
         processor,
-        _shutdown: shutdown,
+        shutdown: Some(shutdown),
     }
 }
 
@@ -51,6 +51,13 @@ pub fn event(user: &str, kind: &str, value: f64) -> Value {
 }
 
 impl TestApp {
+    /// Starts a graceful shutdown, as SIGTERM would.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }

@@ -124,3 +124,52 @@ async fn clients_that_never_finish_a_request_head_are_cut_off() {
     // Everyone else is served as before.
     assert_eq!(app.get("/healthz").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_request_that_runs_too_long_is_503_and_counted_under_its_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.request_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    // The body is promised but never sent, so the handler waits until the limit.
+    let mut stuck = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stuck
+        .write_all(b"POST /v1/events/batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), stuck.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..read]);
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let expected = r#"metrics_processor_http_requests_total{method="POST",route="/v1/events/batch",status="503"} 1"#;
+    assert!(metrics.contains(expected), "{metrics}");
+}
+
+#[tokio::test]
+async fn readiness_fails_before_the_listener_closes() {
+    let mut app = crate::helpers::spawn_app_with(|s| {
+        s.shutdown_readiness_delay = std::time::Duration::from_millis(800)
+    })
+    .await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    app.begin_shutdown();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Not ready, but still serving everything else.
+    problem(app.get("/readyz").await, 503).await;
+    assert_eq!(app.post_event(&event("u", "t", 1.0)).await.status(), 202);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let refused = app.client.get(app.url("/healthz")).send().await;
+    assert!(refused.is_err(), "the listener is closed after the delay");
+}
