@@ -130,11 +130,20 @@ fn get_aggregates(c: &mut Criterion) {
     group.bench_function("60_minutes_1000_types", |b| {
         b.iter(|| processor.get_aggregates(black_box(60)).unwrap())
     });
-    // Cold: alternating windows, so every type merges all of its minutes each time.
-    let mut minutes = 59;
+    // A dashboard polling three windows in turn (each type caches up to four).
+    group.bench_function("dashboard_5_15_60_minutes_1000_types", |b| {
+        b.iter(|| {
+            for minutes in [5, 15, 60] {
+                black_box(processor.get_aggregates(minutes).unwrap());
+            }
+        })
+    });
+    // Cold: six windows in turn, more than the four each type caches, so every query
+    // merges all of its minutes.
+    let mut minutes = 55;
     group.bench_function("60_minutes_1000_types_cold", |b| {
         b.iter(|| {
-            minutes = if minutes == 60 { 59 } else { 60 };
+            minutes = if minutes == 60 { 55 } else { minutes + 1 };
             processor.get_aggregates(black_box(minutes)).unwrap()
         })
     });

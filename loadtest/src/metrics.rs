@@ -197,11 +197,12 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             let mut warm = Histogram::<u64>::new(3).unwrap();
             let mut cold = Histogram::<u64>::new(3).unwrap();
             processor.get_aggregates(60).unwrap();
-            // Each type caches one window: 59 minutes right after 60 is always a miss, and
-            // 60 right after re-caching 60 is always a hit.
-            for _ in 0..200 {
+            // Each type caches four windows. Cold samples rotate through six others (54-59),
+            // so each was evicted long before it comes round again: always a miss. Warm
+            // samples ask 60 right after re-caching it: always a hit.
+            for i in 0..200u32 {
                 let t = Instant::now();
-                let aggregates = processor.get_aggregates(59).unwrap();
+                let aggregates = processor.get_aggregates(54 + i % 6).unwrap();
                 cold.record(t.elapsed().as_micros() as u64).unwrap();
                 assert_eq!(aggregates.event_types.len(), 1_000);
                 processor.get_aggregates(60).unwrap();

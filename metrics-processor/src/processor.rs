@@ -18,7 +18,7 @@
 //! A query merges, for each type, the slots inside the window into a [`WindowSketch`] and a
 //! HyperLogLog, locking one type at a time so ingest waits at most one type's merge, and
 //! spreading the shards over every core. Minutes older than the previous one rarely change,
-//! so each type keeps the merge of those "sealed" minutes for the last window asked: a
+//! so each type keeps the merge of those "sealed" minutes for the last four windows asked: a
 //! repeated query merges one cached window plus two live minutes instead of up to sixty,
 //! and a late event into a cached minute drops that type's cache (see ADR 0001 and the
 //! `get_aggregates` benches for the cold and warm costs).
@@ -255,20 +255,32 @@ impl Slot {
     }
 }
 
-/// One event type's ring of minutes, and the merge of its sealed minutes.
+/// How many windows each type keeps merged: enough for a dashboard that polls a few
+/// windows (say 5, 15 and 60 minutes) without one evicting another.
+const CACHED_WINDOWS: usize = 4;
+
+/// One event type's ring of minutes, and merges of its sealed minutes.
 #[derive(Debug)]
 struct Series {
     slots: Box<[Slot]>,
-    /// The last merge of minutes `from..=to`, all older than the previous minute. A query
-    /// for the same window reuses it and merges only the live minutes on top; a write into
-    /// a cached minute (a late event) invalidates it, so it is never stale.
-    sealed: Option<Box<SealedWindow>>,
+    /// Merges of minutes `from..=to`, all older than the previous minute, for the last few
+    /// windows asked. A query for one of them reuses it and merges only the live minutes on
+    /// top; a write into a cached minute (a late event) invalidates every window holding
+    /// it, so none is ever stale.
+    sealed: Vec<SealedWindow>,
+    /// The newest minute any cached window holds (`i64::MIN` when none), so ingest checks
+    /// one number, not every window.
+    sealed_to: i64,
+    /// Bumped on every query, to find the least recently used window.
+    queries: u64,
 }
 
 #[derive(Debug)]
 struct SealedWindow {
     from: i64,
+    /// `i64::MIN` once invalidated.
     to: i64,
+    last_used: u64,
     window: WindowAccumulator,
 }
 
@@ -276,7 +288,9 @@ impl Series {
     fn new(ring_len: usize) -> Self {
         Self {
             slots: vec![Slot::empty(); ring_len].into_boxed_slice(),
-            sealed: None,
+            sealed: Vec::new(),
+            sealed_to: i64::MIN,
+            queries: 0,
         }
     }
 
@@ -298,13 +312,29 @@ impl Series {
         slot.max = slot.max.max(value);
         slot.values.add(value);
         slot.users.insert_hash(user_hash);
-        if let Some(sealed) = &mut self.sealed
-            && minute <= sealed.to
-        {
-            // Keep the allocation; an impossible range never matches a query.
-            sealed.to = i64::MIN;
+        if minute <= self.sealed_to {
+            self.invalidate_from(minute);
         }
         true
+    }
+
+    /// Invalidates every cached window holding `minute` (keeping the allocations: an
+    /// impossible range never matches a query).
+    #[cold]
+    fn invalidate_from(&mut self, minute: i64) {
+        for sealed in self
+            .sealed
+            .iter_mut()
+            .filter(|sealed| (sealed.from..=sealed.to).contains(&minute))
+        {
+            sealed.to = i64::MIN;
+        }
+        self.sealed_to = self
+            .sealed
+            .iter()
+            .map(|sealed| sealed.to)
+            .max()
+            .unwrap_or(i64::MIN);
     }
 
     /// Merges the slots of minutes `from..=to` into `window`.
@@ -334,17 +364,45 @@ impl Series {
             self.merge_range(from, now_minute, &mut window);
             return window;
         }
-        let mut window = match &self.sealed {
-            Some(sealed) if sealed.from == from && sealed.to == sealed_to => sealed.window.clone(),
-            _ => {
+        self.queries += 1;
+        let now = self.queries;
+        let cached = self
+            .sealed
+            .iter_mut()
+            .find(|sealed| sealed.from == from && sealed.to == sealed_to);
+        let mut window = match cached {
+            Some(sealed) => {
+                sealed.last_used = now;
+                sealed.window.clone()
+            }
+            None => {
                 let mut merged = WindowAccumulator::new();
                 self.merge_range(from, sealed_to, &mut merged);
                 let window = merged.clone();
-                self.sealed = Some(Box::new(SealedWindow {
+                let entry = SealedWindow {
                     from,
                     to: sealed_to,
+                    last_used: now,
                     window: merged,
-                }));
+                };
+                // Replace this window's stale merge, else an invalidated one, else the least
+                // recently used once the cache is full.
+                let victim = self
+                    .sealed
+                    .iter()
+                    .position(|sealed| sealed.from == from || sealed.to == i64::MIN)
+                    .or_else(|| {
+                        (self.sealed.len() == CACHED_WINDOWS)
+                            .then(|| {
+                                (0..self.sealed.len()).min_by_key(|&i| self.sealed[i].last_used)
+                            })
+                            .flatten()
+                    });
+                match victim {
+                    Some(index) => self.sealed[index] = entry,
+                    None => self.sealed.push(entry),
+                }
+                self.sealed_to = self.sealed_to.max(sealed_to);
                 window
             }
         };
@@ -365,20 +423,22 @@ impl Series {
                 live = true;
             }
         }
-        if self
+        self.sealed.retain(|sealed| sealed.from >= oldest_minute);
+        self.sealed_to = self
             .sealed
-            .as_ref()
-            .is_some_and(|sealed| sealed.from < oldest_minute)
-        {
-            self.sealed = None;
-        }
+            .iter()
+            .map(|sealed| sealed.to)
+            .max()
+            .unwrap_or(i64::MIN);
         live
     }
 
     fn heap_bytes(&self) -> usize {
-        let sealed = self.sealed.as_ref().map_or(0, |s| {
-            s.window.values.heap_bytes() + s.window.users.heap_bytes()
-        });
+        let sealed: usize = self
+            .sealed
+            .iter()
+            .map(|s| s.window.values.heap_bytes() + s.window.users.heap_bytes())
+            .sum();
         self.slots.iter().map(Slot::heap_bytes).sum::<usize>() + sealed
     }
 }
@@ -1045,6 +1105,72 @@ mod tests {
         assert_eq!(
             processor.get_aggregates(1).unwrap().event_types["early"].count,
             1
+        );
+    }
+
+    #[test]
+    fn a_dashboard_polling_several_windows_keeps_each_one_cached() {
+        let (clock, processor) = setup(ProcessorConfig::default());
+        clock.set(T0 + 59 * 60_000 + 30_000);
+        for minute in 0..60 {
+            processor
+                .process_event(event(T0 + minute * 60_000, "u", "t", 1.0))
+                .unwrap();
+        }
+        let cached_froms = || -> Vec<i64> {
+            let shard = &processor.shards
+                [(xxhash_rust::xxh3::xxh3_64(b"t") as usize) & processor.shard_mask];
+            let types = shard.0.lock();
+            let mut froms: Vec<i64> = types
+                .values()
+                .flat_map(|s| s.sealed.iter().filter(|w| w.to != i64::MIN).map(|w| w.from))
+                .collect();
+            froms.sort_unstable();
+            froms
+        };
+        for round in 0..3 {
+            for minutes in [5, 15, 60] {
+                assert_eq!(
+                    processor.get_aggregates(minutes).unwrap().event_types["t"].count,
+                    u64::from(minutes),
+                    "round {round}"
+                );
+            }
+        }
+        let now_minute = (T0 + 59 * 60_000) / 60_000;
+        assert_eq!(
+            cached_froms(),
+            vec![now_minute - 59, now_minute - 14, now_minute - 4]
+        );
+        // Two more windows: the first fills the fourth place, the second evicts the least
+        // recently used, which is 5 (each round asked 5, then 15, then 60).
+        for minutes in [30, 45] {
+            processor.get_aggregates(minutes).unwrap();
+        }
+        assert_eq!(
+            cached_froms(),
+            vec![
+                now_minute - 59,
+                now_minute - 44,
+                now_minute - 29,
+                now_minute - 14
+            ]
+        );
+        // A late event into minute 10 invalidates only the window that holds it (60).
+        processor
+            .process_event(event(T0 + 10 * 60_000, "late", "t", 1.0))
+            .unwrap();
+        assert_eq!(
+            cached_froms(),
+            vec![now_minute - 44, now_minute - 29, now_minute - 14]
+        );
+        assert_eq!(
+            processor.get_aggregates(60).unwrap().event_types["t"].count,
+            61
+        );
+        assert_eq!(
+            processor.get_aggregates(45).unwrap().event_types["t"].count,
+            45
         );
     }
 }
