@@ -1173,4 +1173,75 @@ mod tests {
             45
         );
     }
+
+    #[test]
+    fn ingest_queries_eviction_and_a_moving_clock_together_lose_nothing() {
+        let (clock, processor) = setup(ProcessorConfig {
+            shards: 4,
+            ..ProcessorConfig::default()
+        });
+        clock.set(T0 + 10 * 60_000);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // The clock moves on by a second at a time, for three simulated minutes.
+            scope.spawn(|| {
+                for _ in 0..180 {
+                    clock.advance(1_000);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            });
+            // Queries of varied windows build and reuse caches the whole time …
+            scope.spawn(|| {
+                let mut round = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let aggregates = processor
+                        .get_aggregates([1, 3, 10, 30, 60][round as usize % 5])
+                        .unwrap();
+                    assert!(
+                        aggregates
+                            .event_types
+                            .values()
+                            .map(|a| a.count)
+                            .sum::<u64>()
+                            <= 60_000
+                    );
+                    round += 1;
+                }
+            });
+            // … and eviction sweeps.
+            scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    processor.evict_expired();
+                }
+            });
+            let ingest: Vec<_> = (0..3u64)
+                .map(|thread| {
+                    let (clock, processor) = (&clock, &processor);
+                    scope.spawn(move || {
+                        for i in 0..20_000u64 {
+                            // Up to 90 s late: many land in sealed, cached minutes.
+                            let late = ((i * 7_919 + thread * 104_729) % 90_000) as i64;
+                            let at = clock.now_millis() - late;
+                            let kind = format!("t{}", i % 20);
+                            processor
+                                .process_event(event(at, &format!("u{thread}-{i}"), &kind, 1.0))
+                                .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for handle in ingest {
+                handle.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let total: u64 = processor
+            .get_aggregates(60)
+            .unwrap()
+            .event_types
+            .values()
+            .map(|a| a.count)
+            .sum();
+        assert_eq!(total, 60_000);
+    }
 }

@@ -473,6 +473,65 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_and_mutated_input_never_panics_and_parses_the_same_everywhere() {
+        // A deterministic fuzz: random bytes, and valid events with bytes flipped, cut or
+        // duplicated. Whatever comes in, parsing must not panic, and an event accepted alone
+        // must be accepted inside an array too.
+        let mut state = 0x5EED_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let seed = br#"{"timestamp":"2026-01-01T12:00:00.5+01:00","user_id":"u\u00e9","event_type":"a.b:c","value":-1.5e3}"#;
+        let alphabet = br#"{}[]":,\u0123456789.eE+-tfnulrsTZ aA"#;
+        let mut accepted = 0;
+        for round in 0..20_000 {
+            let mut input: Vec<u8> = if round % 4 == 0 {
+                (0..next() % 96).map(|_| next() as u8).collect()
+            } else {
+                seed.to_vec()
+            };
+            for _ in 0..1 + next() % 4 {
+                if input.is_empty() {
+                    break;
+                }
+                let at = (next() as usize) % input.len();
+                match next() % 4 {
+                    0 => input[at] = alphabet[(next() as usize) % alphabet.len()],
+                    1 => input.truncate(at),
+                    2 => {
+                        let copy = input[at..].to_vec();
+                        input.extend_from_slice(&copy);
+                    }
+                    _ => input.insert(at, alphabet[(next() as usize) % alphabet.len()]),
+                }
+            }
+            let alone = parse_one(&input);
+            let mut array = b"[".to_vec();
+            array.extend_from_slice(&input);
+            array.push(b']');
+            if let Ok(Ok(event)) = alone {
+                let parsed =
+                    parse_array(&array, 10).expect("an accepted event is a valid array element");
+                assert_eq!(parsed.len(), 1);
+                assert_eq!(
+                    parsed.into_iter().next().unwrap().into_event().unwrap(),
+                    event
+                );
+                accepted += 1;
+            } else {
+                let _ = parse_array(&array, 10);
+            }
+        }
+        assert!(
+            accepted > 200,
+            "the mutations must leave some events valid, got {accepted}"
+        );
+    }
+
+    #[test]
     fn escaped_strings_are_decoded() {
         let json = r#"{"timestamp":"2026-01-01T12:00:00Z","user_id":"\u0075ser","event_type":"t","value":1}"#;
         assert_eq!(
