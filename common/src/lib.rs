@@ -1,6 +1,7 @@
 //! Plumbing shared by every service of the suite, and nothing service-specific.
 //!
 //! # Layout
+//! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies.
 //! - [`config`]: clap helpers every service's `Settings` reuses (durations, byte sizes, log format).
 //! - [`telemetry`]: `tracing` setup, pretty for people or JSON lines for machines.
 //! - [`shutdown`]: the SIGTERM / Ctrl-C future that starts a graceful shutdown.
@@ -10,6 +11,7 @@
 //!   grace period ends.
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod problem;
