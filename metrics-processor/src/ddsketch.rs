@@ -64,7 +64,7 @@ impl<C: Count> Store<C> {
     fn position(&mut self, index: i32) -> usize {
         if self.bins.is_empty() {
             self.offset = index;
-            self.bins.reserve_exact(GROWTH_STEP);
+            self.reserve_bins(1);
             self.bins.push(C::default());
             return 0;
         }
@@ -74,12 +74,7 @@ impl<C: Count> Store<C> {
             let new_offset = index.max(highest - MAX_BINS as i32 + 1);
             if new_offset < self.offset {
                 let grow = (self.offset - new_offset) as usize;
-                // Reserve exactly: `splice` alone may double the capacity past MAX_BINS.
-                let wanted = (self.bins.len() + grow)
-                    .next_multiple_of(GROWTH_STEP)
-                    .min(MAX_BINS);
-                self.bins
-                    .reserve_exact(wanted.saturating_sub(self.bins.len()));
+                self.reserve_bins(self.bins.len() + grow);
                 self.bins
                     .splice(0..0, std::iter::repeat_n(C::default(), grow));
                 self.offset = new_offset;
@@ -92,13 +87,20 @@ impl<C: Count> Store<C> {
                 self.collapse_below(index - MAX_BINS as i32 + 1);
             }
             let wanted = (index - self.offset + 1) as usize;
-            if wanted > self.bins.capacity() {
-                let target = wanted.next_multiple_of(GROWTH_STEP).min(MAX_BINS);
-                self.bins.reserve_exact(target - self.bins.len());
-            }
+            self.reserve_bins(wanted);
             self.bins.resize(wanted, C::default());
         }
         (index - self.offset) as usize
+    }
+
+    /// Makes room for `len` bins, growing in steps of [`GROWTH_STEP`] and never past
+    /// [`MAX_BINS`]: `Vec`'s own growth (in `resize` or `splice`) doubles, which could take the
+    /// capacity past the cap.
+    fn reserve_bins(&mut self, len: usize) {
+        if len > self.bins.capacity() {
+            let target = len.next_multiple_of(GROWTH_STEP).min(MAX_BINS).max(len);
+            self.bins.reserve_exact(target - self.bins.len());
+        }
     }
 
     /// Folds every bin below `new_offset` into the bin at `new_offset`.
