@@ -329,6 +329,11 @@ impl Series {
         {
             sealed.to = i64::MIN;
         }
+        self.refresh_sealed_to();
+    }
+
+    /// Recomputes [`Series::sealed_to`] after windows were invalidated or dropped.
+    fn refresh_sealed_to(&mut self) {
         self.sealed_to = self
             .sealed
             .iter()
@@ -424,21 +429,12 @@ impl Series {
             }
         }
         self.sealed.retain(|sealed| sealed.from >= oldest_minute);
-        self.sealed_to = self
-            .sealed
-            .iter()
-            .map(|sealed| sealed.to)
-            .max()
-            .unwrap_or(i64::MIN);
+        self.refresh_sealed_to();
         live
     }
 
     fn heap_bytes(&self) -> usize {
-        let sealed: usize = self
-            .sealed
-            .iter()
-            .map(|s| s.window.values.heap_bytes() + s.window.users.heap_bytes())
-            .sum();
+        let sealed: usize = self.sealed.iter().map(|s| s.window.heap_bytes()).sum();
         self.slots.iter().map(Slot::heap_bytes).sum::<usize>() + sealed
     }
 }
@@ -455,6 +451,10 @@ struct WindowAccumulator {
 }
 
 impl WindowAccumulator {
+    fn heap_bytes(&self) -> usize {
+        self.values.heap_bytes() + self.users.heap_bytes()
+    }
+
     fn new() -> Self {
         Self {
             count: 0,
