@@ -46,9 +46,3 @@ impl Clock for ManualClock {
         self.0.load(Ordering::SeqCst)
     }
 }
-
-impl<C: Clock> Clock for std::sync::Arc<C> {
-    fn now_millis(&self) -> i64 {
-        (**self).now_millis()
-    }
-}

@@ -11,7 +11,6 @@ use common::http::ServeSettings;
 use tokio::net::TcpListener;
 
 use crate::{
-    clock::Clock,
     http::{AppState, router},
     processor::MetricsProcessor,
     settings::Settings,
@@ -30,25 +29,6 @@ impl Application {
     /// Binds the listener and builds the processor on the wall clock.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let processor = Arc::new(MetricsProcessor::new(settings.processor_config()));
-        Self::build_with(settings, processor).await
-    }
-
-    /// Binds the listener around an existing processor (tests use a [`Clock`] they drive).
-    pub async fn build_with_clock(
-        settings: Settings,
-        clock: Arc<dyn Clock>,
-    ) -> anyhow::Result<Self> {
-        let processor = Arc::new(MetricsProcessor::with_clock(
-            settings.processor_config(),
-            clock,
-        ));
-        Self::build_with(settings, processor).await
-    }
-
-    async fn build_with(
-        settings: Settings,
-        processor: Arc<MetricsProcessor>,
-    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("failed to bind {}", settings.listen))?;
