@@ -1,0 +1,528 @@
+//! Where notifications and group membership live: PostgreSQL, or memory for one node.
+//!
+//! Both engines answer the same questions the same way; the integration tests run against
+//! each. PostgreSQL keeps everything and is shared by every node. The memory engine keeps
+//! the newest `history_per_user` notifications of each user, is lost on restart and is
+//! private to its process, so it suits one node in development (as Centrifugo's memory
+//! engine does).
+
+use std::{
+    collections::{BTreeSet, HashMap, VecDeque},
+    sync::Arc,
+};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+use serde_json::Value;
+use sqlx::{PgPool, Row, postgres::PgPoolOptions};
+use uuid::Uuid;
+
+use crate::notification::{GroupId, Notification, UserId};
+
+/// A backend failure; the cause is logged, the client gets a 503.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failed: {0}")]
+pub struct StoreError(#[from] sqlx::Error);
+
+/// Group membership listing, one page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembersPage {
+    /// Members in id order.
+    pub members: Vec<UserId>,
+    /// Whether more follow the last one.
+    pub more: bool,
+}
+
+/// The storage engine.
+#[derive(Clone)]
+pub enum Store {
+    /// PostgreSQL, shared by every node.
+    Postgres(PgStore),
+    /// Memory, one node, not durable.
+    Memory(Arc<MemoryStore>),
+}
+
+impl Store {
+    /// A short name for logs and `/readyz`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Self::Postgres(_) => "postgres",
+            Self::Memory(_) => "memory",
+        }
+    }
+
+    /// Persists `notification` for `users` (deduplicated by the caller).
+    pub async fn insert_for_users(
+        &self,
+        notification: &Notification,
+        users: &[UserId],
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.insert_for_users(notification, users).await,
+            Self::Memory(memory) => {
+                memory.insert(notification, users);
+                Ok(())
+            }
+        }
+    }
+
+    /// Persists `notification` for every current member of `group`, and returns them.
+    pub async fn insert_for_group(
+        &self,
+        notification: &Notification,
+        group: &GroupId,
+    ) -> Result<Vec<UserId>, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.insert_for_group(notification, group).await,
+            Self::Memory(memory) => {
+                let members = memory.members_of(group);
+                memory.insert(notification, &members);
+                Ok(members)
+            }
+        }
+    }
+
+    /// The newest `limit` notifications of `user` older than `before`, newest first.
+    pub async fn history(
+        &self,
+        user: &UserId,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Notification>, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.history(user, before, limit).await,
+            Self::Memory(memory) => Ok(memory.history(user, before, limit)),
+        }
+    }
+
+    /// The oldest `limit` notifications of `user` newer than `after`, oldest first: what a
+    /// reconnecting client missed.
+    pub async fn since(
+        &self,
+        user: &UserId,
+        after: Uuid,
+        limit: usize,
+    ) -> Result<Vec<Notification>, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.since(user, after, limit).await,
+            Self::Memory(memory) => Ok(memory.since(user, after, limit)),
+        }
+    }
+
+    /// Adds `user` to `group`; false when it already was a member.
+    pub async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.add_member(group, user).await,
+            Self::Memory(memory) => Ok(memory.add_member(group, user)),
+        }
+    }
+
+    /// Removes `user` from `group`; false when it was not a member.
+    pub async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.remove_member(group, user).await,
+            Self::Memory(memory) => Ok(memory.remove_member(group, user)),
+        }
+    }
+
+    /// Members of `group` after `after`, in id order.
+    pub async fn members(
+        &self,
+        group: &GroupId,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<MembersPage, StoreError> {
+        match self {
+            Self::Postgres(pg) => pg.members(group, after, limit).await,
+            Self::Memory(memory) => Ok(memory.members(group, after, limit)),
+        }
+    }
+
+    /// Whether the backend answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(pg) => {
+                sqlx::query("SELECT 1").execute(&pg.pool).await?;
+                Ok(())
+            }
+            Self::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// The PostgreSQL engine.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects, and brings the schema up to date with the embedded migrations.
+    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(std::time::Duration::from_secs(3))
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("database migrations failed")?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and EXPLAIN.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn insert_for_users(&self, n: &Notification, users: &[UserId]) -> Result<(), StoreError> {
+        let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        // One statement, one round trip: the notification and its inbox rows commit together.
+        sqlx::query(
+            "WITH n AS (
+                 INSERT INTO notifications (id, kind, title, message, data, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+             )
+             INSERT INTO deliveries (user_id, notification_id)
+             SELECT u, $1 FROM unnest($7::text[]) AS u",
+        )
+        .bind(n.id)
+        .bind(&n.kind)
+        .bind(&n.title)
+        .bind(&n.message)
+        .bind(n.data.clone().map(Value::Object))
+        .bind(n.timestamp)
+        .bind(&users)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_for_group(
+        &self,
+        n: &Notification,
+        group: &GroupId,
+    ) -> Result<Vec<UserId>, StoreError> {
+        // The members are read and the inbox rows written inside the server, in one statement:
+        // 5,000 recipients never cross the wire towards PostgreSQL.
+        let rows = sqlx::query(
+            "WITH n AS (
+                 INSERT INTO notifications (id, kind, title, message, data, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+             )
+             INSERT INTO deliveries (user_id, notification_id)
+             SELECT user_id, $1 FROM group_members WHERE group_id = $7
+             RETURNING user_id",
+        )
+        .bind(n.id)
+        .bind(&n.kind)
+        .bind(&n.title)
+        .bind(&n.message)
+        .bind(n.data.clone().map(Value::Object))
+        .bind(n.timestamp)
+        .bind(group.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
+            .collect())
+    }
+
+    async fn history(
+        &self,
+        user: &UserId,
+        before: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<Notification>, StoreError> {
+        // Uuid::max() as the default cursor keeps one plan for both the first and later pages.
+        let rows = sqlx::query(
+            "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.user_id = $1 AND d.notification_id < $2
+             ORDER BY d.notification_id DESC
+             LIMIT $3",
+        )
+        .bind(user.as_str())
+        .bind(before.unwrap_or(Uuid::max()))
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(notification_from_row).collect())
+    }
+
+    async fn since(
+        &self,
+        user: &UserId,
+        after: Uuid,
+        limit: usize,
+    ) -> Result<Vec<Notification>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
+             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
+             WHERE d.user_id = $1 AND d.notification_id > $2
+             ORDER BY d.notification_id ASC
+             LIMIT $3",
+        )
+        .bind(user.as_str())
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(notification_from_row).collect())
+    }
+
+    async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO group_members (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind(group.as_str())
+        .bind(user.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND user_id = $2")
+            .bind(group.as_str())
+            .bind(user.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn members(
+        &self,
+        group: &GroupId,
+        after: Option<&UserId>,
+        limit: usize,
+    ) -> Result<MembersPage, StoreError> {
+        let rows = sqlx::query(
+            "SELECT user_id FROM group_members
+             WHERE group_id = $1 AND user_id > $2
+             ORDER BY user_id LIMIT $3",
+        )
+        .bind(group.as_str())
+        .bind(after.map_or("", UserId::as_str))
+        .bind(limit as i64 + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut members: Vec<UserId> = rows
+            .iter()
+            .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
+            .collect();
+        let more = members.len() > limit;
+        members.truncate(limit);
+        Ok(MembersPage { members, more })
+    }
+}
+
+fn notification_from_row(row: &sqlx::postgres::PgRow) -> Notification {
+    let data: Option<Value> = row.get(4);
+    Notification {
+        id: row.get(0),
+        kind: row.get(1),
+        title: row.get(2),
+        message: row.get(3),
+        data: match data {
+            Some(Value::Object(map)) => Some(map),
+            _ => None,
+        },
+        timestamp: row.get::<DateTime<Utc>, _>(5),
+    }
+}
+
+/// `postgres://user:secret@host/db` without the secret, for error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The memory engine: bounded per-user history, membership sets.
+pub struct MemoryStore {
+    history_per_user: usize,
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    inbox: HashMap<UserId, VecDeque<Arc<Notification>>>,
+    groups: HashMap<GroupId, BTreeSet<UserId>>,
+}
+
+impl MemoryStore {
+    /// Keeps at most `history_per_user` notifications per user; older ones are dropped.
+    pub fn new(history_per_user: usize) -> Self {
+        Self {
+            history_per_user: history_per_user.max(1),
+            inner: Mutex::default(),
+        }
+    }
+
+    fn insert(&self, n: &Notification, users: &[UserId]) {
+        let n = Arc::new(n.clone());
+        let mut inner = self.inner.lock();
+        for user in users {
+            let inbox = inner.inbox.entry(user.clone()).or_default();
+            // Ids from one process are increasing, but keep the inbox sorted regardless.
+            let at = inbox.partition_point(|have| have.id < n.id);
+            if inbox.get(at).is_some_and(|have| have.id == n.id) {
+                continue;
+            }
+            inbox.insert(at, Arc::clone(&n));
+            if inbox.len() > self.history_per_user {
+                inbox.pop_front();
+            }
+        }
+    }
+
+    fn history(&self, user: &UserId, before: Option<Uuid>, limit: usize) -> Vec<Notification> {
+        let inner = self.inner.lock();
+        let Some(inbox) = inner.inbox.get(user) else {
+            return Vec::new();
+        };
+        let end = before.map_or(inbox.len(), |b| inbox.partition_point(|n| n.id < b));
+        inbox
+            .range(..end)
+            .rev()
+            .take(limit)
+            .map(|n| Notification::clone(n))
+            .collect()
+    }
+
+    fn since(&self, user: &UserId, after: Uuid, limit: usize) -> Vec<Notification> {
+        let inner = self.inner.lock();
+        let Some(inbox) = inner.inbox.get(user) else {
+            return Vec::new();
+        };
+        let start = inbox.partition_point(|n| n.id <= after);
+        inbox
+            .range(start..)
+            .take(limit)
+            .map(|n| Notification::clone(n))
+            .collect()
+    }
+
+    fn members_of(&self, group: &GroupId) -> Vec<UserId> {
+        let inner = self.inner.lock();
+        inner
+            .groups
+            .get(group)
+            .map(|members| members.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn add_member(&self, group: &GroupId, user: &UserId) -> bool {
+        self.inner
+            .lock()
+            .groups
+            .entry(group.clone())
+            .or_default()
+            .insert(user.clone())
+    }
+
+    fn remove_member(&self, group: &GroupId, user: &UserId) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(members) = inner.groups.get_mut(group) else {
+            return false;
+        };
+        let removed = members.remove(user);
+        if members.is_empty() {
+            inner.groups.remove(group);
+        }
+        removed
+    }
+
+    fn members(&self, group: &GroupId, after: Option<&UserId>, limit: usize) -> MembersPage {
+        let inner = self.inner.lock();
+        let Some(set) = inner.groups.get(group) else {
+            return MembersPage {
+                members: Vec::new(),
+                more: false,
+            };
+        };
+        let mut members: Vec<UserId> = match after {
+            Some(after) => set
+                .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(limit + 1)
+                .cloned()
+                .collect(),
+            None => set.iter().take(limit + 1).cloned().collect(),
+        };
+        let more = members.len() > limit;
+        members.truncate(limit);
+        MembersPage { members, more }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::Content;
+
+    fn note(title: &str) -> Notification {
+        Content {
+            kind: "t".into(),
+            title: title.into(),
+            message: "m".into(),
+            data: None,
+        }
+        .into_notification()
+    }
+
+    fn user(id: &str) -> UserId {
+        UserId::parse(id).unwrap()
+    }
+
+    #[test]
+    fn memory_history_pages_newest_first_and_forgets_the_oldest() {
+        let store = MemoryStore::new(3);
+        let notes: Vec<Notification> = (0..5).map(|i| note(&i.to_string())).collect();
+        for n in &notes {
+            store.insert(n, &[user("a")]);
+        }
+        let titles = |v: Vec<Notification>| v.into_iter().map(|n| n.title).collect::<Vec<_>>();
+        assert_eq!(titles(store.history(&user("a"), None, 10)), ["4", "3", "2"]);
+        assert_eq!(
+            titles(store.history(&user("a"), Some(notes[3].id), 10)),
+            ["2"]
+        );
+        assert_eq!(titles(store.since(&user("a"), notes[2].id, 10)), ["3", "4"]);
+        assert_eq!(titles(store.since(&user("a"), notes[2].id, 1)), ["3"]);
+        assert!(store.history(&user("b"), None, 10).is_empty());
+    }
+
+    #[test]
+    fn memory_membership_is_a_set() {
+        let store = MemoryStore::new(10);
+        let g = GroupId::parse("g").unwrap();
+        assert!(store.add_member(&g, &user("b")));
+        assert!(store.add_member(&g, &user("a")));
+        assert!(!store.add_member(&g, &user("a")));
+        let page = store.members(&g, None, 1);
+        assert_eq!(page.members, [user("a")]);
+        assert!(page.more);
+        assert_eq!(store.members(&g, Some(&user("a")), 5).members, [user("b")]);
+        assert!(store.remove_member(&g, &user("a")));
+        assert!(!store.remove_member(&g, &user("a")));
+    }
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(
+            redact("postgres://app:hunter2@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact("postgres://db/x"), "postgres://db/x");
+    }
+}
