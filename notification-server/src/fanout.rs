@@ -30,6 +30,8 @@ use crate::{
 };
 
 const VERSION: &str = "n1";
+/// Longest a publish may take before it counts as failed.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// This node's link to the others.
 #[derive(Clone)]
@@ -72,8 +74,20 @@ impl RedisFanout {
     pub async fn publish(&self, frame: &Frame, users: &[UserId]) -> redis::RedisResult<()> {
         let payload = encode(self.node, frame, users);
         let mut conn = self.publisher.clone();
-        let _receivers: i64 = conn.publish(&self.channel, payload).await?;
-        Ok(())
+        // Never hold a send for long on a Redis that does not answer: the notification is
+        // persisted already, and recovery covers the other nodes.
+        match tokio::time::timeout(
+            PUBLISH_TIMEOUT,
+            conn.publish::<_, _, i64>(&self.channel, payload),
+        )
+        .await
+        {
+            Ok(result) => result.map(drop),
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "publish timed out",
+            ))),
+        }
     }
 
     /// Subscribes, and keeps delivering what other nodes publish to `hub` until aborted.
