@@ -87,12 +87,10 @@ async fn the_connection_closes_with_4001_when_the_token_expires() {
     short.exp = chrono::Utc::now().timestamp() + 2;
     let mut client = app.connect_with(&format!("?token={}", sign(&short))).await;
     let started = std::time::Instant::now();
-    let code = loop {
-        match client.next_within(Duration::from_secs(6)).await {
-            Some(Next::Closed(code)) => break code,
-            Some(Next::Json(frame)) => panic!("unexpected {frame}"),
-            None => panic!("not closed after the token expired"),
-        }
+    let code = match client.next_within(Duration::from_secs(6)).await {
+        Some(Next::Closed(code)) => code,
+        Some(Next::Json(frame)) => panic!("unexpected {frame}"),
+        None => panic!("not closed after the token expired"),
     };
     assert_eq!(code, Some(4001));
     assert!(started.elapsed() < Duration::from_secs(5));
