@@ -7,6 +7,7 @@
 
 mod client;
 mod metrics;
+mod notify;
 mod report;
 mod service;
 
@@ -33,6 +34,8 @@ struct Cli {
 enum Scenario {
     /// metrics-processor: in-process and HTTP throughput, latency, memory, shutdown.
     Metrics,
+    /// notification-server: 5,000 WebSocket connections, broadcasts, exactly-once delivery.
+    Notify,
     /// Every scenario, one table.
     Suite,
     /// Internal: the memory soak, run in a child process so its RSS is measured alone.
@@ -80,7 +83,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: &Cli) -> anyhow::Result<bool> {
     let reports: Vec<Report> = match cli.scenario {
-        Scenario::Metrics | Scenario::Suite => vec![metrics::run(cli.quick).await?],
+        Scenario::Metrics => vec![metrics::run(cli.quick).await?],
+        Scenario::Notify => vec![notify::run(cli.quick).await?],
+        Scenario::Suite => vec![
+            metrics::run(cli.quick).await?,
+            notify::run(cli.quick).await?,
+        ],
         Scenario::MetricsSoak => unreachable!("handled before the runtime starts"),
     };
     for report in &reports {

@@ -38,11 +38,21 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 impl Service {
     /// Starts `name` on `127.0.0.1:0` with `args`, and waits for its `listening` log line.
     pub async fn start(name: &str, args: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with_env(name, args, &[]).await
+    }
+
+    /// Like [`Service::start`], with extra environment variables.
+    pub async fn start_with_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(binary(name)?)
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,metrics_processor=info")
+            .env("RUST_LOG", format!("warn,{}=info", name.replace('-', "_")))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -1,0 +1,842 @@
+//! notification-server: thousands of authenticated WebSocket connections, group broadcasts
+//! and direct sends persisted in PostgreSQL, end-to-end delivery latency, exactly-once
+//! delivery per connection, memory per connection, and shutdown under load.
+//!
+//! Latency is measured from the moment the load test starts sending the HTTP request
+//! (its wall clock goes in the notification's `data.sent_at_us`) to the moment a client
+//! task has read the frame: API, persistence, fan-out, socket and client parsing included.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use common::auth::{Claims, Signer};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use sqlx::{Connection as _, Executor, PgConnection};
+use tokio::{
+    net::TcpSocket,
+    sync::{Semaphore, mpsc, watch},
+    task::JoinSet,
+};
+use tokio_tungstenite::tungstenite::{
+    Message, client::IntoClientRequest, protocol::WebSocketConfig,
+};
+
+use crate::{
+    client::{self, Connection},
+    report::{Report, Target},
+    service::Service,
+};
+
+const PRIVATE_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
+const PUBLIC_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
+const KID: &str = "loadtest";
+const GROUPS: usize = 10;
+/// Client sockets are bound to 127.0.0.2 .. 127.0.0.(1 + SOURCE_ADDRESSES): one source
+/// address has ~28,000 ephemeral ports, and this keeps the generator's pattern the same
+/// whatever the connection count.
+const SOURCE_ADDRESSES: usize = 8;
+
+/// The shape of one run.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    connections: usize,
+    users: usize,
+    all_broadcasts: usize,
+    group_broadcasts: usize,
+    direct_sends: usize,
+    users_per_direct_send: usize,
+    /// Time between two operations of the send schedule.
+    tick: Duration,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        Self {
+            connections: 5_000,
+            users: 4_000,
+            all_broadcasts: if quick { 10 } else { 40 },
+            group_broadcasts: if quick { 20 } else { 80 },
+            direct_sends: if quick { 100 } else { 400 },
+            users_per_direct_send: 50,
+            tick: Duration::from_millis(25),
+        }
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(quick: bool) -> anyhow::Result<Report> {
+    let mut report = Report::new("notify", quick);
+    let keys = Keys::new()?;
+    let database = Database::create().await?;
+    let result = main_phase(&mut report, &keys, &database, Plan::new(quick)).await;
+    database.drop_it().await;
+    result?;
+    if !quick {
+        let database = Database::create().await?;
+        let result = capacity_phase(&mut report, &keys, &database, 19_000).await;
+        database.drop_it().await;
+        result?;
+    }
+    Ok(report)
+}
+
+async fn main_phase(
+    report: &mut Report,
+    keys: &Keys,
+    database: &Database,
+    plan: Plan,
+) -> anyhow::Result<()> {
+    let service = keys.start_service(&database.url).await?;
+    let address = service.address.clone();
+    let (rss_idle, _) = service.memory()?;
+    println!(
+        "notify: {} connections for {} users, {} groups",
+        plan.connections, plan.users, GROUPS
+    );
+
+    // Everyone is in `all` and in one of GROUPS smaller groups.
+    let started = Instant::now();
+    let admin = keys.token("loadtest-admin", &["admin"]);
+    let mut requests = Vec::with_capacity(plan.users * 2);
+    for user in 0..plan.users {
+        for group in ["all".to_owned(), format!("g{}", user % GROUPS)] {
+            requests.push(client::authorized(
+                "PUT",
+                &format!("/v1/groups/{group}/members/u{user}"),
+                &admin,
+                None,
+            ));
+        }
+    }
+    run_requests(&address, requests, 16, &[201, 204]).await?;
+    report.figure("membership_setup_seconds", started.elapsed().as_secs_f64());
+
+    // Connect: user u has one connection, the first (connections - users) users two.
+    let started = Instant::now();
+    let clients = Clients::connect(&address, keys, plan.connections, plan.users).await?;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    report.figure("connect_seconds", connect_seconds);
+    report.figure(
+        "connections_per_second",
+        plan.connections as f64 / connect_seconds,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (rss_connected, _) = service.memory()?;
+    let per_connection = rss_connected.saturating_sub(rss_idle) as f64 / plan.connections as f64;
+    report.figure("service_rss_idle_mb", rss_idle as f64 / 1e6);
+    report.figure("service_rss_connected_mb", rss_connected as f64 / 1e6);
+    report.targets.push(Target::at_least(
+        "connections",
+        plan.connections as f64,
+        clients.connected() as f64,
+        "conns",
+    ));
+
+    // The send schedule: every all-broadcast, group broadcast and direct send, spread out.
+    let sender = keys.token("loadtest-sender", &["sender"]);
+    let schedule = schedule(plan);
+    let outcome = send_schedule(&address, &sender, plan, &schedule).await?;
+    let expected = expectations(plan, &outcome.sent);
+    let total_expected: usize = (0..plan.connections)
+        .map(|c| expected[c % plan.users].len())
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while clients.received() < total_expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    report.figure("notifications_sent", outcome.sent.len());
+    report.figure("deliveries_expected", total_expected);
+    for (kind, histogram) in &outcome.api_latency_us {
+        latency_figures(report, &format!("api_{kind}"), histogram);
+    }
+    let broadcast_p99 = outcome
+        .api_latency_us
+        .get("broadcast_all")
+        .map_or(f64::NAN, |h| h.value_at_quantile(0.99) as f64 / 1e3);
+    report.figure("send_failures", outcome.failures);
+
+    // Shut down with every client connected: each must get 1001, within 5 s.
+    let (shutdown, clean) = service.terminate(Duration::from_secs(10)).await?;
+    let results = clients.finish(Duration::from_secs(5)).await;
+    let check = exactly_once(plan, &expected, &results);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    for result in &results {
+        for &us in &result.latencies_us {
+            latency.record(us.max(1))?;
+        }
+    }
+    latency_figures(report, "delivery", &latency);
+    report.figure("deliveries_received", latency.len());
+    report.figure("deliveries_missing", check.missing);
+    report.figure("deliveries_duplicated", check.duplicated);
+    report.figure("deliveries_unexpected", check.unexpected);
+    report.figure("shutdown_clean_exit", clean);
+    report.figure("shutdown_seconds", shutdown.as_secs_f64());
+    let closed_1001 = results
+        .iter()
+        .filter(|r| r.close_code == Some(1001))
+        .count();
+    report.figure("clients_closed_with_1001", closed_1001);
+
+    report.targets.push(Target::below(
+        "delivery_p99_ms",
+        100.0,
+        latency.value_at_quantile(0.99) as f64 / 1e3,
+        "ms",
+    ));
+    report.targets.push(Target::at_most(
+        "deliveries_missing_or_duplicated",
+        0.0,
+        (check.missing + check.duplicated + check.unexpected) as f64,
+        "frames",
+    ));
+    report.targets.push(Target::at_most(
+        "send_failures",
+        0.0,
+        outcome.failures as f64,
+        "requests",
+    ));
+    report.targets.push(Target::below(
+        "shutdown_seconds",
+        5.0,
+        shutdown.as_secs_f64(),
+        "s",
+    ));
+    report.targets.push(Target::at_least(
+        "clients_closed_with_1001",
+        plan.connections as f64,
+        closed_1001 as f64,
+        "conns",
+    ));
+    report.goals.push(Target::at_most(
+        "broadcast_5000_recipients_api_p99_ms",
+        20.0,
+        broadcast_p99,
+        "ms",
+    ));
+    report.goals.push(Target::at_most(
+        "service_rss_per_connection_kb",
+        8.0,
+        per_connection / 1e3,
+        "KB",
+    ));
+    Ok(())
+}
+
+/// Full runs only: as many idle connections as one process may hold here (the open-file
+/// ceiling is 20,000), and the memory each costs.
+async fn capacity_phase(
+    report: &mut Report,
+    keys: &Keys,
+    database: &Database,
+    connections: usize,
+) -> anyhow::Result<()> {
+    let service = keys.start_service(&database.url).await?;
+    let (rss_idle, _) = service.memory()?;
+    println!("notify: capacity, {connections} connections on one node");
+    let started = Instant::now();
+    let clients = Clients::connect(&service.address, keys, connections, connections).await?;
+    report.figure("capacity_connect_seconds", started.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss, _) = service.memory()?;
+    let per_connection = rss.saturating_sub(rss_idle) as f64 / clients.connected() as f64;
+    report.figure("capacity_connections", clients.connected());
+    report.figure("capacity_service_rss_mb", rss as f64 / 1e6);
+    report.goals.push(Target::at_least(
+        "capacity_connections_one_node",
+        connections as f64,
+        clients.connected() as f64,
+        "conns",
+    ));
+    report.goals.push(Target::at_most(
+        "capacity_rss_per_connection_kb",
+        8.0,
+        per_connection / 1e3,
+        "KB",
+    ));
+    let (shutdown, _) = service.terminate(Duration::from_secs(10)).await?;
+    report.figure("capacity_shutdown_seconds", shutdown.as_secs_f64());
+    clients.finish(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_parse_agrees_with_the_json_parser() {
+        let id = "0195f5a8-8a5c-7c1e-9d4e-3f2a1b0c9d8e";
+        let frame = format!(
+            r#"{{"type":"notification","notification":{{"id":"{id}","type":"t","title":"x","message":"m","data":{{"sent_at_us":1234567,"seq":3}},"timestamp":"2026-11-21T10:00:00.000Z"}}}}"#
+        );
+        assert_eq!(parse_notification(&frame), Some((id, Some(1_234_567))));
+        let reordered = format!(
+            r#"{{"notification":{{"id":"{id}","data":{{"sent_at_us":5}}}},"type":"notification"}}"#
+        );
+        assert_eq!(parse_notification(&reordered), Some((id, Some(5))));
+        assert_eq!(
+            parse_notification(r#"{"type":"recovered","count":1}"#),
+            None
+        );
+    }
+}
+
+fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
+    report.figure(&format!("{name}_p50_ms"), ms(0.5));
+    report.figure(&format!("{name}_p99_ms"), ms(0.99));
+    report.figure(&format!("{name}_max_ms"), histogram.max() as f64 / 1e3);
+    report.figure(&format!("{name}_samples"), histogram.len());
+}
+
+/// The signing key and the service it is trusted by.
+struct Keys {
+    signer: Signer,
+    public_key_file: std::path::PathBuf,
+}
+
+impl Keys {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("loadtest-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let public_key_file = dir.join("ed25519-public.pem");
+        std::fs::write(&public_key_file, PUBLIC_KEY)?;
+        Ok(Self {
+            signer: Signer::ed25519_pem(KID, PRIVATE_KEY)?,
+            public_key_file,
+        })
+    }
+
+    fn token(&self, sub: &str, roles: &[&str]) -> String {
+        let now = unix_us() as i64 / 1_000_000;
+        let claims = Claims {
+            sub: sub.into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            groups: Vec::new(),
+            iss: "api-gateway".into(),
+            aud: "backend-suite".into(),
+            exp: now + 3_600,
+            iat: now,
+            nbf: None,
+            jti: uuid::Uuid::now_v7().to_string(),
+        };
+        self.signer.sign(&claims).expect("signing cannot fail")
+    }
+
+    async fn start_service(&self, database_url: &str) -> anyhow::Result<Service> {
+        let key = self.public_key_file.to_string_lossy().into_owned();
+        Service::start_with_env(
+            "notification-server",
+            &[],
+            &[
+                ("DATABASE_URL", database_url),
+                ("JWT_ED25519_PUBLIC_KEY_FILE", &key),
+                ("JWT_KEY_ID", KID),
+                ("MAX_CONNECTIONS", "25000"),
+            ],
+        )
+        .await
+    }
+}
+
+/// A database made for one run, dropped after it.
+struct Database {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> anyhow::Result<Self> {
+        let admin_url = std::env::var("LOADTEST_DATABASE_URL")
+            .or_else(|_| std::env::var("TEST_DATABASE_URL"))
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = PgConnection::connect(&admin_url).await.with_context(|| {
+            format!("PostgreSQL is not reachable at {admin_url}; set LOADTEST_DATABASE_URL")
+        })?;
+        let name = format!("notify_loadtest_{}", uuid::Uuid::now_v7().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .context("the database URL names no database")?;
+        let url = format!("{base}/{name}");
+        Ok(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    async fn drop_it(&self) {
+        if let Ok(mut conn) = PgConnection::connect(&self.admin_url).await {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await;
+        }
+    }
+}
+
+/// Sends `requests` over `parallel` keep-alive connections; any other status is an error.
+async fn run_requests(
+    address: &str,
+    requests: Vec<Vec<u8>>,
+    parallel: usize,
+    ok: &'static [u16],
+) -> anyhow::Result<()> {
+    let requests = Arc::new(std::sync::Mutex::new(requests));
+    let mut tasks = JoinSet::new();
+    for _ in 0..parallel {
+        let requests = Arc::clone(&requests);
+        let address = address.to_owned();
+        tasks.spawn(async move {
+            let mut conn = Connection::open(&address).await?;
+            loop {
+                let Some(request) = requests.lock().unwrap().pop() else {
+                    return anyhow::Ok(());
+                };
+                let (status, body) = conn.send(&request).await?;
+                if !ok.contains(&status) {
+                    bail!("status {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+/// One send of the schedule.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    BroadcastAll,
+    BroadcastGroup(usize),
+    Direct(usize),
+}
+
+impl Op {
+    fn kind(self) -> &'static str {
+        match self {
+            Self::BroadcastAll => "broadcast_all",
+            Self::BroadcastGroup(_) => "broadcast_group",
+            Self::Direct(_) => "send_to_users",
+        }
+    }
+
+    /// The user indices this op is for.
+    fn users(self, plan: Plan) -> Vec<usize> {
+        match self {
+            Self::BroadcastAll => (0..plan.users).collect(),
+            Self::BroadcastGroup(g) => (g..plan.users).step_by(GROUPS).collect(),
+            Self::Direct(seed) => {
+                // A deterministic spread of distinct users.
+                let step = 7_919 % plan.users.max(1);
+                (0..plan.users_per_direct_send.min(plan.users))
+                    .map(|k| (seed * 131 + k * step.max(1)) % plan.users)
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .collect()
+            }
+        }
+    }
+}
+
+/// All sends, interleaved: broadcasts to everyone evenly spaced, the rest between them.
+fn schedule(plan: Plan) -> Vec<Op> {
+    let total = plan.all_broadcasts + plan.group_broadcasts + plan.direct_sends;
+    let mut ops = Vec::with_capacity(total);
+    let (mut a, mut g, mut d) = (0, 0, 0);
+    for i in 0..total {
+        // Whichever kind is furthest behind its even share goes next.
+        let share = |done: usize, of: usize| done as f64 / of.max(1) as f64;
+        let progress = (i as f64 + 1.0) / total as f64;
+        let candidates = [
+            (plan.all_broadcasts, a, 0),
+            (plan.group_broadcasts, g, 1),
+            (plan.direct_sends, d, 2),
+        ];
+        let pick = candidates
+            .iter()
+            .filter(|(of, done, _)| done < of)
+            .min_by(|x, y| (share(x.1, x.0) - progress).total_cmp(&(share(y.1, y.0) - progress)))
+            .map(|c| c.2)
+            .unwrap_or(2);
+        match pick {
+            0 => {
+                ops.push(Op::BroadcastAll);
+                a += 1;
+            }
+            1 => {
+                ops.push(Op::BroadcastGroup(g % GROUPS));
+                g += 1;
+            }
+            _ => {
+                ops.push(Op::Direct(d));
+                d += 1;
+            }
+        }
+    }
+    ops
+}
+
+struct SendOutcome {
+    /// (op, notification id) of every accepted send.
+    sent: Vec<(Op, String)>,
+    api_latency_us: HashMap<&'static str, Histogram<u64>>,
+    failures: usize,
+}
+
+/// Runs the schedule at one op per `plan.tick`, each op on a connection of a small pool so a
+/// slow one does not hold the next back (open loop).
+async fn send_schedule(
+    address: &str,
+    token: &str,
+    plan: Plan,
+    schedule: &[Op],
+) -> anyhow::Result<SendOutcome> {
+    let (pool_tx, mut pool_rx) = mpsc::channel::<Connection>(32);
+    for _ in 0..32 {
+        pool_tx.send(Connection::open(address).await?).await?;
+    }
+    let mut tasks = JoinSet::new();
+    let start = tokio::time::Instant::now();
+    for (i, &op) in schedule.iter().enumerate() {
+        tokio::time::sleep_until(start + plan.tick * i as u32).await;
+        let Some(mut conn) = pool_rx.recv().await else {
+            bail!("connection pool closed");
+        };
+        let pool_tx = pool_tx.clone();
+        let (path, body) = request_for(op, plan, i);
+        let token = token.to_owned();
+        tasks.spawn(async move {
+            let sent_at = Instant::now();
+            let mut body = body;
+            body["data"] = json!({ "sent_at_us": unix_us(), "seq": i });
+            let bytes = serde_json::to_vec(&body).expect("json");
+            let request = client::authorized("POST", &path, &token, Some(&bytes));
+            let result = conn.send(&request).await;
+            let elapsed = sent_at.elapsed();
+            let _ = pool_tx.send(conn).await;
+            (op, elapsed, result)
+        });
+    }
+    let mut outcome = SendOutcome {
+        sent: Vec::new(),
+        api_latency_us: HashMap::new(),
+        failures: 0,
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (op, elapsed, result) = joined?;
+        match result {
+            Ok((201, body)) => {
+                let body: Value = serde_json::from_slice(&body)?;
+                let id = body["notification"]["id"]
+                    .as_str()
+                    .context("no id in the response")?
+                    .to_owned();
+                outcome.sent.push((op, id));
+                outcome
+                    .api_latency_us
+                    .entry(op.kind())
+                    .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).unwrap())
+                    .record(elapsed.as_micros().max(1) as u64)?;
+            }
+            Ok((status, body)) => {
+                outcome.failures += 1;
+                eprintln!("send failed: {status} {}", String::from_utf8_lossy(&body));
+            }
+            Err(error) => {
+                outcome.failures += 1;
+                eprintln!("send failed: {error:#}");
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn request_for(op: Op, plan: Plan, i: usize) -> (String, Value) {
+    let content = json!({
+        "type": "loadtest.notify",
+        "title": format!("#{i} {}", op.kind()),
+        "message": "Your order #12345 has shipped and will arrive on Tuesday.",
+    });
+    match op {
+        Op::BroadcastAll => ("/v1/groups/all/notifications".into(), content),
+        Op::BroadcastGroup(g) => (format!("/v1/groups/g{g}/notifications"), content),
+        Op::Direct(_) => {
+            let mut body = content;
+            body["user_ids"] = json!(
+                op.users(plan)
+                    .iter()
+                    .map(|u| format!("u{u}"))
+                    .collect::<Vec<_>>()
+            );
+            ("/v1/notifications".into(), body)
+        }
+    }
+}
+
+/// For each user index, the ids it must receive.
+fn expectations(plan: Plan, sent: &[(Op, String)]) -> Vec<HashSet<String>> {
+    let mut expected = vec![HashSet::new(); plan.users];
+    for (op, id) in sent {
+        for user in op.users(plan) {
+            expected[user].insert(id.clone());
+        }
+    }
+    expected
+}
+
+#[derive(Default)]
+struct Check {
+    missing: usize,
+    duplicated: usize,
+    unexpected: usize,
+}
+
+fn exactly_once(plan: Plan, expected: &[HashSet<String>], results: &[ClientResult]) -> Check {
+    let mut check = Check::default();
+    for result in results {
+        let want = &expected[result.index % plan.users];
+        for (id, &count) in &result.received {
+            if !want.contains(id) {
+                check.unexpected += count as usize;
+            } else if count > 1 {
+                check.duplicated += count as usize - 1;
+            }
+        }
+        check.missing += want
+            .iter()
+            .filter(|id| !result.received.contains_key(*id))
+            .count();
+    }
+    // Connections that never came up received nothing: count what they missed too.
+    let connected: HashSet<usize> = results.iter().map(|r| r.index).collect();
+    for index in (0..plan.connections).filter(|i| !connected.contains(i)) {
+        check.missing += expected[index % plan.users].len();
+    }
+    check
+}
+
+/// What one client connection saw.
+struct ClientResult {
+    index: usize,
+    received: HashMap<String, u32>,
+    latencies_us: Vec<u64>,
+    close_code: Option<u16>,
+}
+
+/// The client connections.
+struct Clients {
+    tasks: JoinSet<Option<ClientResult>>,
+    connected: Arc<AtomicUsize>,
+    received: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+}
+
+impl Clients {
+    /// Opens `connections` connections; connection `i` is user `u{i % users}`.
+    async fn connect(
+        address: &str,
+        keys: &Keys,
+        connections: usize,
+        users: usize,
+    ) -> anyhow::Result<Self> {
+        let server: SocketAddr = address.parse()?;
+        let connected = Arc::new(AtomicUsize::new(0));
+        let received = Arc::new(AtomicUsize::new(0));
+        let (stop, _) = watch::channel(false);
+        let permits = Arc::new(Semaphore::new(128));
+        let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(1_024);
+        let mut tasks = JoinSet::new();
+        let tokens: Vec<Arc<str>> = (0..users.min(connections))
+            .map(|u| Arc::from(keys.token(&format!("u{u}"), &[])))
+            .collect();
+        for index in 0..connections {
+            let token = Arc::clone(&tokens[index % users]);
+            let permits = Arc::clone(&permits);
+            let connected = Arc::clone(&connected);
+            let received = Arc::clone(&received);
+            let stop = stop.subscribe();
+            let ready_tx = ready_tx.clone();
+            tasks.spawn(async move {
+                let permit = permits.acquire_owned().await.ok()?;
+                let socket = match open(server, index, &token).await {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error)).await;
+                        return None;
+                    }
+                };
+                drop(permit);
+                connected.fetch_add(1, Ordering::Relaxed);
+                let _ = ready_tx.send(Ok(())).await;
+                Some(read_frames(index, socket, received, stop).await)
+            });
+        }
+        drop(ready_tx);
+        let mut failures = 0;
+        let mut first_error = None;
+        for _ in 0..connections {
+            match ready_rx.recv().await {
+                Some(Ok(())) => {}
+                Some(Err(error)) => {
+                    failures += 1;
+                    first_error.get_or_insert(error);
+                }
+                None => break,
+            }
+        }
+        if let Some(error) = first_error {
+            eprintln!("notify: {failures} connections failed; first: {error:#}");
+        }
+        Ok(Self {
+            tasks,
+            connected,
+            received,
+            stop,
+        })
+    }
+
+    fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `wait` for the server to close the connections, then closes the rest.
+    async fn finish(mut self, wait: Duration) -> Vec<ClientResult> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut results = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, self.tasks.join_next()).await {
+                Ok(Some(Ok(Some(result)))) => results.push(result),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = self.stop.send(true);
+                    while let Some(joined) = self.tasks.join_next().await {
+                        if let Ok(Some(result)) = joined {
+                            results.push(result);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        results
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Connects from 127.0.0.(2 + index % SOURCE_ADDRESSES) and waits for the welcome frame.
+async fn open(server: SocketAddr, index: usize, token: &str) -> anyhow::Result<Socket> {
+    let source = Ipv4Addr::new(127, 0, 0, 2 + (index % SOURCE_ADDRESSES) as u8);
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    let stream = socket.connect(server).await.context("connect")?;
+    stream.set_nodelay(true)?;
+    let request = format!("ws://{server}/v1/ws?token={token}").into_client_request()?;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
+    let (mut socket, _) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+            .await
+            .context("upgrade")?;
+    match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) if text.as_str().contains("\"welcome\"") => Ok(socket),
+        other => bail!("no welcome frame: {other:?}"),
+    }
+}
+
+async fn read_frames(
+    index: usize,
+    mut socket: Socket,
+    received: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) -> ClientResult {
+    let mut result = ClientResult {
+        index,
+        received: HashMap::new(),
+        latencies_us: Vec::new(),
+        close_code: None,
+    };
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            _ = stop.changed() => {
+                let _ = socket.close(None).await;
+                return result;
+            }
+        };
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let now = unix_us();
+                let Some((id, sent_at_us)) = parse_notification(text.as_str()) else {
+                    continue;
+                };
+                *result.received.entry(id.to_owned()).or_default() += 1;
+                received.fetch_add(1, Ordering::Relaxed);
+                if let Some(sent) = sent_at_us {
+                    result.latencies_us.push(now.saturating_sub(sent));
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                result.close_code = frame.map(|f| u16::from(f.code));
+                let _ = socket.flush().await;
+                // Drive the close handshake to its end.
+                while let Some(Ok(_)) = socket.next().await {}
+                return result;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return result,
+        }
+    }
+}
+
+/// The id and `data.sent_at_us` of a notification frame; None for other frames. The
+/// service writes `{"type":"notification","notification":{"id":"…",…}}`, so two substring
+/// searches do what a full JSON parse would, at a fraction of the CPU the generator shares
+/// with the service; anything unexpected falls back to the parser.
+fn parse_notification(text: &str) -> Option<(&str, Option<u64>)> {
+    const PREFIX: &str = r#"{"type":"notification","notification":{"id":""#;
+    if let Some(rest) = text.strip_prefix(PREFIX) {
+        let id = rest.get(..36)?;
+        let sent = rest.find(r#""sent_at_us":"#).and_then(|at| {
+            let digits = &rest[at + 13..];
+            let end = digits.find(|c: char| !c.is_ascii_digit())?;
+            digits[..end].parse().ok()
+        });
+        return Some((id, sent));
+    }
+    let frame: Value = serde_json::from_str(text).ok()?;
+    if frame["type"] != "notification" {
+        return None;
+    }
+    let id = frame["notification"]["id"].as_str()?;
+    let id = text.get(text.find(id)?..)?.get(..id.len())?;
+    Some((id, frame["notification"]["data"]["sent_at_us"].as_u64()))
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
