@@ -7,7 +7,7 @@ use uuid::Uuid;
 pub mod close {
     /// The server is shutting down; reconnect (to another node) with `last_id`.
     pub const GOING_AWAY: u16 = 1001;
-    /// The client broke the protocol badly (a binary frame flood, a frame flood).
+    /// The client broke the WebSocket framing rules (unmasked frames, bad opcodes, ...).
     pub const POLICY_VIOLATION: u16 = 1008;
     /// A client frame was larger than the limit (64 KiB by default).
     pub const TOO_BIG: u16 = 1009;

@@ -98,10 +98,14 @@ pub async fn upgrade(
         refuse("unauthenticated");
         return unauthorized(None);
     };
-    let claims = match state
-        .verifier
-        .verify(&token, chrono::Utc::now().timestamp())
-    {
+    let now = chrono::Utc::now().timestamp();
+    let claims = match state.verifier.verify(&token, now) {
+        // The verifier allows clock leeway past `exp`; a connection would be closed with
+        // 4001 at once, and a client retrying with the same token would loop. Refuse it.
+        Ok(claims) if claims.exp <= now => {
+            refuse("invalid_token");
+            return unauthorized(Some(common::auth::TokenError::Expired));
+        }
         Ok(claims) => claims,
         Err(error) => {
             refuse("invalid_token");
@@ -238,14 +242,20 @@ impl Connection<'_> {
         let expires = token_deadline(self.claims.exp);
         let mut next_ping = tokio::time::Instant::now() + settings.heartbeat_interval;
         let mut awaiting_pong: Option<tokio::time::Instant> = None;
-        let timer = tokio::time::sleep_until(next_ping.min(expires));
+        let mut armed = next_ping.min(expires);
+        let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
 
         loop {
             let deadline = awaiting_pong
                 .map_or(next_ping, |sent| sent + settings.heartbeat_timeout)
                 .min(expires);
-            timer.as_mut().reset(deadline);
+            // Re-arming takes the timer driver's lock: do it only when the deadline moved,
+            // not for every frame (a broadcast wakes thousands of these loops at once).
+            if deadline != armed {
+                timer.as_mut().reset(deadline);
+                armed = deadline;
+            }
             tokio::select! {
                 biased;
                 () = registration.cancel.cancelled() => {
@@ -309,7 +319,7 @@ impl Connection<'_> {
             .state
             .notifier
             .store()
-            .since(self.user, last_id, limit)
+            .since(self.user, last_id, limit + 1)
             .await
         {
             Ok(missed) => missed,
@@ -318,18 +328,17 @@ impl Connection<'_> {
                 return Err(close::INTERNAL_ERROR);
             }
         };
-        let count = missed.len();
-        for notification in &missed {
+        // One more than the limit was asked for, to tell "exactly the limit" from "more".
+        let complete = missed.len() <= limit;
+        let count = missed.len().min(limit);
+        for notification in &missed[..count] {
             recovered.insert(notification.id);
             if !self.send(Frame::encode(notification).text.clone()).await {
                 return Ok(false);
             }
         }
         self.state.metrics.recovered.inc_by(count as u64);
-        let done = ServerFrame::Recovered {
-            count,
-            complete: count < limit,
-        };
+        let done = ServerFrame::Recovered { count, complete };
         Ok(self.send(done.encode().into()).await)
     }
 

@@ -12,6 +12,9 @@ async fn a_connection_without_a_valid_token_gets_401_and_no_upgrade() {
     let app = spawn_app(Engine::Memory).await;
     let mut expired = claims("alice", &[]);
     expired.exp = chrono::Utc::now().timestamp() - 120;
+    // Inside the verifier's clock leeway, but expired: it would be closed with 4001 at once.
+    let mut just_expired = claims("alice", &[]);
+    just_expired.exp = chrono::Utc::now().timestamp() - 5;
     let mut wrong_audience = claims("alice", &[]);
     wrong_audience.aud = "someone-else".into();
     let mut wrong_issuer = claims("alice", &[]);
@@ -28,6 +31,7 @@ async fn a_connection_without_a_valid_token_gets_401_and_no_upgrade() {
         ("no token", String::new()),
         ("garbage", "?token=not.a.jwt".into()),
         ("expired", format!("?token={}", sign(&expired))),
+        ("just expired", format!("?token={}", sign(&just_expired))),
         (
             "other key",
             format!("?token={}", sign_with_other_key(&claims("alice", &[]))),

@@ -197,5 +197,19 @@ async fn recovery_says_when_it_was_cut_short() {
     }
     let done = gina.next_json().await;
     assert_eq!(done["type"], "recovered");
+    assert_eq!(done["count"], 3);
     assert_eq!(done["complete"], false);
+
+    // Exactly the limit missed: all of it came, so the recovery is complete.
+    let third = app.send(&["hal"], "first").await;
+    for i in 0..3 {
+        app.send(&["hal"], &format!("n{i}")).await;
+    }
+    let mut hal = app.reconnect("hal", &third).await;
+    for _ in 0..3 {
+        hal.next_notification().await;
+    }
+    let done = hal.next_json().await;
+    assert_eq!(done["count"], 3);
+    assert_eq!(done["complete"], true);
 }
