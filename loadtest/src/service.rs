@@ -85,6 +85,12 @@ impl Service {
         memory_of(&format!("/proc/{pid}/status"))
     }
 
+    /// CPU time the service has used so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.child.id().context("the service has exited")?;
+        cpu_seconds_of(&format!("/proc/{pid}/stat"))
+    }
+
     /// Sends SIGTERM and waits for the exit; returns how long it took and whether it was clean.
     pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
         let pid = self.child.id().context("the service has already exited")?;
@@ -104,6 +110,17 @@ impl Service {
             }
         }
     }
+}
+
+/// User + system CPU seconds from a `/proc/<pid>/stat` file (clock ticks of 1/100 s).
+pub fn cpu_seconds_of(stat_path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(stat_path)
+        .with_context(|| format!("failed to read {stat_path}"))?;
+    // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
 /// Reads VmRSS and VmHWM from a `/proc/<pid>/status` file.

@@ -245,6 +245,9 @@ impl Connection<'_> {
         let mut armed = next_ping.min(expires);
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
+        // One waiter for the whole connection, not one registered and dropped per frame.
+        let cancelled = registration.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
 
         loop {
             let deadline = awaiting_pong
@@ -258,7 +261,7 @@ impl Connection<'_> {
             }
             tokio::select! {
                 biased;
-                () = registration.cancel.cancelled() => {
+                () = &mut cancelled => {
                     let code = match registration.close_code() {
                         0 => close::GOING_AWAY,
                         code => code,
