@@ -796,10 +796,16 @@ async fn read_frames(
         latencies_us: Vec::new(),
         close_code: None,
     };
+    // Registered once: 5,000 tasks re-registering on the one shared channel for every frame
+    // would contend on its lock and slow the generator, inflating the latency it measures.
+    let stopped = async move {
+        let _ = stop.changed().await;
+    };
+    tokio::pin!(stopped);
     loop {
         let message = tokio::select! {
             message = socket.next() => message,
-            _ = stop.changed() => {
+            () = &mut stopped => {
                 let _ = socket.close(None).await;
                 return result;
             }

@@ -119,7 +119,12 @@ pub fn cpu_seconds_of(stat_path: &str) -> anyhow::Result<f64> {
     // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Ok((ticks(11) + ticks(12)) as f64 / 100.0)
 }
 
