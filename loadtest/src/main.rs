@@ -41,6 +41,22 @@ enum Scenario {
     /// Internal: the memory soak, run in a child process so its RSS is measured alone.
     #[command(hide = true)]
     MetricsSoak,
+    /// Internal: one client process of the notify cluster phase.
+    #[command(hide = true)]
+    NotifyClients {
+        /// Notifier nodes, comma-separated `host:port`.
+        #[arg(long, value_delimiter = ',')]
+        servers: Vec<std::net::SocketAddr>,
+        /// Index of the first connection.
+        #[arg(long)]
+        first: usize,
+        /// Connections to open.
+        #[arg(long)]
+        count: usize,
+        /// Users in the run (connection i is user i % users).
+        #[arg(long)]
+        users: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +69,21 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 eprintln!("soak failed: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Scenario::NotifyClients {
+        servers,
+        first,
+        count,
+        users,
+    } = &cli.scenario
+    {
+        return match notify::clients_child(servers.clone(), *first, *count, *users) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("notify clients failed: {error:#}");
                 ExitCode::FAILURE
             }
         };
@@ -89,7 +120,9 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             metrics::run(cli.quick).await?,
             notify::run(cli.quick).await?,
         ],
-        Scenario::MetricsSoak => unreachable!("handled before the runtime starts"),
+        Scenario::MetricsSoak | Scenario::NotifyClients { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     };
     for report in &reports {
         let path = report.write(&cli.out_dir)?;

@@ -88,6 +88,10 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
         let result = capacity_phase(&mut report, &keys, &database, 19_000).await;
         database.drop_it().await;
         result?;
+        let database = Database::create().await?;
+        let result = cluster_phase(&mut report, &keys, &database, 3, 45_000).await;
+        database.drop_it().await;
+        result?;
     }
     Ok(report)
 }
@@ -125,7 +129,8 @@ async fn main_phase(
 
     // Connect: user u has one connection, the first (connections - users) users two.
     let started = Instant::now();
-    let clients = Clients::connect(&address, keys, plan.connections, plan.users).await?;
+    let server: SocketAddr = address.parse()?;
+    let clients = Clients::connect(&[server], keys, 0, plan.connections, plan.users).await?;
     let connect_seconds = started.elapsed().as_secs_f64();
     report.figure("connect_seconds", connect_seconds);
     report.figure(
@@ -152,7 +157,7 @@ async fn main_phase(
         cpu_seconds_of("/proc/self/stat")?,
         Instant::now(),
     );
-    let outcome = send_schedule(&address, &sender, plan, &schedule).await?;
+    let outcome = send_schedule(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
     let expected = expectations(plan, &outcome.sent);
     let total_expected: usize = (0..plan.connections)
         .map(|c| expected[c % plan.users].len())
@@ -189,7 +194,7 @@ async fn main_phase(
     let check = exactly_once(plan, &expected, &results);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
     for result in &results {
-        for &us in &result.latencies_us {
+        for &(_, us) in &result.receipts {
             latency.record(us.max(1))?;
         }
     }
@@ -263,7 +268,8 @@ async fn capacity_phase(
     let (rss_idle, _) = service.memory()?;
     println!("notify: capacity, {connections} connections on one node");
     let started = Instant::now();
-    let clients = Clients::connect(&service.address, keys, connections, connections).await?;
+    let server: SocketAddr = service.address.parse()?;
+    let clients = Clients::connect(&[server], keys, 0, connections, connections).await?;
     report.figure("capacity_connect_seconds", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss, _) = service.memory()?;
@@ -310,6 +316,198 @@ mod tests {
     }
 }
 
+/// Connections one client process opens at most: the open-file ceiling is 20,000 per process.
+const CONNECTIONS_PER_CLIENT_PROCESS: usize = 15_000;
+
+/// Full runs only: `nodes` processes sharing PostgreSQL and Redis hold `connections` together
+/// (clients in child processes, spread over every node), and direct sends accepted by one node
+/// are delivered to connections on the others.
+async fn cluster_phase(
+    report: &mut Report,
+    keys: &Keys,
+    database: &Database,
+    nodes: usize,
+    connections: usize,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    let redis_url = std::env::var("LOADTEST_REDIS_URL")
+        .or_else(|_| std::env::var("TEST_REDIS_URL"))
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("notify-loadtest-{}:", uuid::Uuid::now_v7().simple());
+    let mut services = Vec::new();
+    for _ in 0..nodes {
+        services.push(
+            keys.start_node(&database.url, Some((&redis_url, &prefix)))
+                .await?,
+        );
+    }
+    let addresses: Vec<String> = services.iter().map(|s| s.address.clone()).collect();
+    let idle: Vec<u64> = services
+        .iter()
+        .map(|s| s.memory().map(|m| m.0))
+        .collect::<anyhow::Result<_>>()?;
+    println!("notify: cluster, {connections} connections over {nodes} nodes");
+
+    // Client processes: each opens its share, spread over every node.
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut first = 0;
+    while first < connections {
+        let count = CONNECTIONS_PER_CLIENT_PROCESS.min(connections - first);
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["notify-clients", "--servers", &addresses.join(",")])
+            .args(["--first", &first.to_string(), "--count", &count.to_string()])
+            .args(["--users", &connections.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("failed to start a client process")?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let lines = BufReader::new(child.stdout.take().context("no stdout")?).lines();
+        children.push((child, stdin, lines));
+        first += count;
+    }
+    let mut connected = 0;
+    for (_, _, lines) in &mut children {
+        let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
+            .await
+            .context("a client process did not connect in time")??
+            .context("a client process exited")?;
+        let ready: Value = serde_json::from_str(&line)?;
+        connected += ready["connected"].as_u64().unwrap_or(0) as usize;
+    }
+    report.figure("cluster_connect_seconds", started.elapsed().as_secs_f64());
+    report.figure("cluster_connections", connected);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut rss_per_connection = Vec::new();
+    for (service, idle) in services.iter().zip(&idle) {
+        let (rss, _) = service.memory()?;
+        rss_per_connection
+            .push(rss.saturating_sub(*idle) as f64 / (connections / nodes) as f64 / 1e3);
+    }
+    report.figure("cluster_rss_per_connection_kb", json!(rss_per_connection));
+
+    // Direct sends, op i through node i % nodes; user u's connection is on node u % nodes.
+    let plan = Plan {
+        connections,
+        users: connections,
+        all_broadcasts: 0,
+        group_broadcasts: 0,
+        direct_sends: 400,
+        users_per_direct_send: 50,
+        tick: Duration::from_millis(20),
+    };
+    let sender = keys.token("loadtest-sender", &["sender"]);
+    let outcome = send_schedule(&addresses, &sender, plan, &schedule(plan)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut results = Vec::new();
+    for (mut child, mut stdin, mut lines) in children {
+        stdin.write_all(b"finish\n").await?;
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .context("a client process did not report")??
+            .context("a client process exited without a report")?;
+        let receipts: Vec<(usize, String, u64)> = serde_json::from_str(&line)?;
+        results.extend(receipts);
+        let _ = child.wait().await;
+    }
+    let node_of_op: HashMap<&str, usize> = outcome
+        .sent
+        .iter()
+        .map(|(_, id, i)| (id.as_str(), i % nodes))
+        .collect();
+    let expected = expectations(plan, &outcome.sent);
+    let mut cross = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut same = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut seen: HashMap<(usize, &str), u32> = HashMap::new();
+    for (index, id, latency) in &results {
+        *seen.entry((*index, id.as_str())).or_default() += 1;
+        match node_of_op.get(id.as_str()) {
+            Some(&node) if node != index % nodes => cross.record((*latency).max(1))?,
+            Some(_) => same.record((*latency).max(1))?,
+            None => {}
+        }
+    }
+    let duplicated: u32 = seen.values().map(|c| c - 1).sum();
+    let missing: usize = expected
+        .iter()
+        .enumerate()
+        .map(|(user, ids)| {
+            ids.iter()
+                .filter(|id| !seen.contains_key(&(user, id.as_str())))
+                .count()
+        })
+        .sum();
+    latency_figures(report, "cluster_cross_node_delivery", &cross);
+    latency_figures(report, "cluster_same_node_delivery", &same);
+    report.figure("cluster_sends", outcome.sent.len());
+    report.figure("cluster_send_failures", outcome.failures);
+    report.figure("cluster_deliveries_missing", missing);
+    report.figure("cluster_deliveries_duplicated", duplicated);
+    report.goals.push(Target::at_least(
+        "cluster_connections_3_nodes",
+        connections as f64,
+        connected as f64,
+        "conns",
+    ));
+    report.goals.push(Target::at_most(
+        "cluster_cross_node_delivery_p99_ms",
+        50.0,
+        cross.value_at_quantile(0.99) as f64 / 1e3,
+        "ms",
+    ));
+    report.goals.push(Target::at_most(
+        "cluster_deliveries_missing_or_duplicated",
+        0.0,
+        (missing + duplicated as usize) as f64,
+        "frames",
+    ));
+    for service in services {
+        service.terminate(Duration::from_secs(10)).await?;
+    }
+    Ok(())
+}
+
+/// The client side of [`cluster_phase`], in its own process (`loadtest notify-clients`):
+/// opens its connections, prints `{"connected": n}`, and after a `finish` line on stdin prints
+/// every receipt as `[connection index, id, latency µs]`.
+pub fn clients_child(
+    servers: Vec<SocketAddr>,
+    first: usize,
+    count: usize,
+    users: usize,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let keys = Keys::new()?;
+        let clients = Clients::connect(&servers, &keys, first, count, users).await?;
+        println!("{}", json!({ "connected": clients.connected() }));
+        // Wait for the parent's `finish` (or for it to go away).
+        tokio::task::spawn_blocking(|| {
+            for line in std::io::stdin().lines() {
+                match line {
+                    Ok(line) if line.trim() == "finish" => break,
+                    Ok(_) => continue,
+                    Err(_) => break,
+                }
+            }
+        })
+        .await?;
+        let results = clients.finish(Duration::ZERO).await;
+        let receipts: Vec<(usize, &str, u64)> = results
+            .iter()
+            .flat_map(|r| r.receipts.iter().map(move |(id, us)| (r.index, &**id, *us)))
+            .collect();
+        println!("{}", serde_json::to_string(&receipts)?);
+        anyhow::Ok(())
+    })
+}
+
 fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) {
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
     report.figure(&format!("{name}_p50_ms"), ms(0.5));
@@ -353,18 +551,27 @@ impl Keys {
     }
 
     async fn start_service(&self, database_url: &str) -> anyhow::Result<Service> {
+        self.start_node(database_url, None).await
+    }
+
+    /// A node; with `redis` = (url, prefix), one of several sharing that fan-out.
+    async fn start_node(
+        &self,
+        database_url: &str,
+        redis: Option<(&str, &str)>,
+    ) -> anyhow::Result<Service> {
         let key = self.public_key_file.to_string_lossy().into_owned();
-        Service::start_with_env(
-            "notification-server",
-            &[],
-            &[
-                ("DATABASE_URL", database_url),
-                ("JWT_ED25519_PUBLIC_KEY_FILE", &key),
-                ("JWT_KEY_ID", KID),
-                ("MAX_CONNECTIONS", "25000"),
-            ],
-        )
-        .await
+        let mut env = vec![
+            ("DATABASE_URL", database_url),
+            ("JWT_ED25519_PUBLIC_KEY_FILE", &key),
+            ("JWT_KEY_ID", KID),
+            ("MAX_CONNECTIONS", "25000"),
+        ];
+        if let Some((url, prefix)) = redis {
+            env.push(("REDIS_URL", url));
+            env.push(("REDIS_PREFIX", prefix));
+        }
+        Service::start_with_env("notification-server", &[], &env).await
     }
 }
 
@@ -511,28 +718,33 @@ fn schedule(plan: Plan) -> Vec<Op> {
 }
 
 struct SendOutcome {
-    /// (op, notification id) of every accepted send.
-    sent: Vec<(Op, String)>,
+    /// (op, notification id, schedule index) of every accepted send.
+    sent: Vec<(Op, String, usize)>,
     api_latency_us: HashMap<&'static str, Histogram<u64>>,
     failures: usize,
 }
 
 /// Runs the schedule at one op per `plan.tick`, each op on a connection of a small pool so a
-/// slow one does not hold the next back (open loop).
+/// slow one does not hold the next back (open loop). Op `i` goes to node `i % nodes`.
 async fn send_schedule(
-    address: &str,
+    addresses: &[String],
     token: &str,
     plan: Plan,
     schedule: &[Op],
 ) -> anyhow::Result<SendOutcome> {
-    let (pool_tx, mut pool_rx) = mpsc::channel::<Connection>(32);
-    for _ in 0..32 {
-        pool_tx.send(Connection::open(address).await?).await?;
+    let mut pools = Vec::new();
+    for address in addresses {
+        let (pool_tx, pool_rx) = mpsc::channel::<Connection>(32);
+        for _ in 0..32 {
+            pool_tx.send(Connection::open(address).await?).await?;
+        }
+        pools.push((pool_tx, pool_rx));
     }
     let mut tasks = JoinSet::new();
     let start = tokio::time::Instant::now();
     for (i, &op) in schedule.iter().enumerate() {
         tokio::time::sleep_until(start + plan.tick * i as u32).await;
+        let (pool_tx, pool_rx) = &mut pools[i % addresses.len()];
         let Some(mut conn) = pool_rx.recv().await else {
             bail!("connection pool closed");
         };
@@ -548,7 +760,7 @@ async fn send_schedule(
             let result = conn.send(&request).await;
             let elapsed = sent_at.elapsed();
             let _ = pool_tx.send(conn).await;
-            (op, elapsed, result)
+            (i, op, elapsed, result)
         });
     }
     let mut outcome = SendOutcome {
@@ -557,7 +769,7 @@ async fn send_schedule(
         failures: 0,
     };
     while let Some(joined) = tasks.join_next().await {
-        let (op, elapsed, result) = joined?;
+        let (i, op, elapsed, result) = joined?;
         match result {
             Ok((201, body)) => {
                 let body: Value = serde_json::from_slice(&body)?;
@@ -565,7 +777,7 @@ async fn send_schedule(
                     .as_str()
                     .context("no id in the response")?
                     .to_owned();
-                outcome.sent.push((op, id));
+                outcome.sent.push((op, id, i));
                 outcome
                     .api_latency_us
                     .entry(op.kind())
@@ -608,9 +820,9 @@ fn request_for(op: Op, plan: Plan, i: usize) -> (String, Value) {
 }
 
 /// For each user index, the ids it must receive.
-fn expectations(plan: Plan, sent: &[(Op, String)]) -> Vec<HashSet<String>> {
+fn expectations(plan: Plan, sent: &[(Op, String, usize)]) -> Vec<HashSet<String>> {
     let mut expected = vec![HashSet::new(); plan.users];
-    for (op, id) in sent {
+    for (op, id, _) in sent {
         for user in op.users(plan) {
             expected[user].insert(id.clone());
         }
@@ -629,8 +841,9 @@ fn exactly_once(plan: Plan, expected: &[HashSet<String>], results: &[ClientResul
     let mut check = Check::default();
     for result in results {
         let want = &expected[result.index % plan.users];
-        for (id, &count) in &result.received {
-            if !want.contains(id) {
+        let counts = result.counts();
+        for (id, &count) in &counts {
+            if !want.contains(*id) {
                 check.unexpected += count as usize;
             } else if count > 1 {
                 check.duplicated += count as usize - 1;
@@ -638,7 +851,7 @@ fn exactly_once(plan: Plan, expected: &[HashSet<String>], results: &[ClientResul
         }
         check.missing += want
             .iter()
-            .filter(|id| !result.received.contains_key(*id))
+            .filter(|id| !counts.contains_key(id.as_str()))
             .count();
     }
     // Connections that never came up received nothing: count what they missed too.
@@ -652,9 +865,19 @@ fn exactly_once(plan: Plan, expected: &[HashSet<String>], results: &[ClientResul
 /// What one client connection saw.
 struct ClientResult {
     index: usize,
-    received: HashMap<String, u32>,
-    latencies_us: Vec<u64>,
+    /// Every notification frame read: its id, and its latency in µs (0 when unknown).
+    receipts: Vec<(Box<str>, u64)>,
     close_code: Option<u16>,
+}
+
+impl ClientResult {
+    fn counts(&self) -> HashMap<&str, u32> {
+        let mut counts = HashMap::new();
+        for (id, _) in &self.receipts {
+            *counts.entry(&**id).or_default() += 1;
+        }
+        counts
+    }
 }
 
 /// The client connections.
@@ -666,25 +889,30 @@ struct Clients {
 }
 
 impl Clients {
-    /// Opens `connections` connections; connection `i` is user `u{i % users}`.
+    /// Opens connections `first .. first + count`; connection `i` is user `u{i % users}` on
+    /// server `i % servers.len()`.
     async fn connect(
-        address: &str,
+        servers: &[SocketAddr],
         keys: &Keys,
-        connections: usize,
+        first: usize,
+        count: usize,
         users: usize,
     ) -> anyhow::Result<Self> {
-        let server: SocketAddr = address.parse()?;
         let connected = Arc::new(AtomicUsize::new(0));
         let received = Arc::new(AtomicUsize::new(0));
         let (stop, _) = watch::channel(false);
         let permits = Arc::new(Semaphore::new(128));
         let (ready_tx, mut ready_rx) = mpsc::channel::<anyhow::Result<()>>(1_024);
         let mut tasks = JoinSet::new();
-        let tokens: Vec<Arc<str>> = (0..users.min(connections))
-            .map(|u| Arc::from(keys.token(&format!("u{u}"), &[])))
-            .collect();
-        for index in 0..connections {
-            let token = Arc::clone(&tokens[index % users]);
+        let mut tokens: HashMap<usize, Arc<str>> = HashMap::new();
+        for index in first..first + count {
+            let user = index % users;
+            let token = Arc::clone(
+                tokens
+                    .entry(user)
+                    .or_insert_with(|| Arc::from(keys.token(&format!("u{user}"), &[]))),
+            );
+            let server = servers[index % servers.len()];
             let permits = Arc::clone(&permits);
             let connected = Arc::clone(&connected);
             let received = Arc::clone(&received);
@@ -708,7 +936,7 @@ impl Clients {
         drop(ready_tx);
         let mut failures = 0;
         let mut first_error = None;
-        for _ in 0..connections {
+        for _ in 0..count {
             match ready_rx.recv().await {
                 Some(Ok(())) => {}
                 Some(Err(error)) => {
@@ -792,8 +1020,7 @@ async fn read_frames(
 ) -> ClientResult {
     let mut result = ClientResult {
         index,
-        received: HashMap::new(),
-        latencies_us: Vec::new(),
+        receipts: Vec::new(),
         close_code: None,
     };
     // Registered once: 5,000 tasks re-registering on the one shared channel for every frame
@@ -816,11 +1043,9 @@ async fn read_frames(
                 let Some((id, sent_at_us)) = parse_notification(text.as_str()) else {
                     continue;
                 };
-                *result.received.entry(id.to_owned()).or_default() += 1;
                 received.fetch_add(1, Ordering::Relaxed);
-                if let Some(sent) = sent_at_us {
-                    result.latencies_us.push(now.saturating_sub(sent));
-                }
+                let latency = sent_at_us.map_or(0, |sent| now.saturating_sub(sent));
+                result.receipts.push((id.into(), latency));
             }
             Some(Ok(Message::Close(frame))) => {
                 result.close_code = frame.map(|f| u16::from(f.code));
