@@ -199,6 +199,41 @@ async fn main_phase(
         }
     }
     latency_figures(report, "delivery", &latency);
+    // How a broadcast to everyone unfolds: its first delivery, and the spread to its last.
+    let everyone: HashSet<&str> = outcome
+        .sent
+        .iter()
+        .filter(|(op, _, _)| matches!(op, Op::BroadcastAll))
+        .map(|(_, id, _)| id.as_str())
+        .collect();
+    let mut span: HashMap<&str, (u64, u64)> = HashMap::new();
+    for result in &results {
+        for (id, us) in &result.receipts {
+            if everyone.contains(&**id) {
+                let entry = span.entry(&**id).or_insert((u64::MAX, 0));
+                entry.0 = entry.0.min(*us);
+                entry.1 = entry.1.max(*us);
+            }
+        }
+    }
+    let mut firsts: Vec<u64> = span.values().map(|s| s.0).collect();
+    let mut spreads: Vec<u64> = span.values().map(|s| s.1 - s.0).collect();
+    firsts.sort_unstable();
+    spreads.sort_unstable();
+    if !firsts.is_empty() {
+        report.figure(
+            "broadcast_all_first_delivery_p50_ms",
+            firsts[firsts.len() / 2] as f64 / 1e3,
+        );
+        report.figure(
+            "broadcast_all_first_to_last_p50_ms",
+            spreads[spreads.len() / 2] as f64 / 1e3,
+        );
+        report.figure(
+            "broadcast_all_first_to_last_max_ms",
+            spreads[spreads.len() - 1] as f64 / 1e3,
+        );
+    }
     report.figure("deliveries_received", latency.len());
     report.figure("deliveries_missing", check.missing);
     report.figure("deliveries_duplicated", check.duplicated);

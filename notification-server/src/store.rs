@@ -206,16 +206,19 @@ impl PgStore {
         n: &Notification,
         group: &GroupId,
     ) -> Result<Vec<UserId>, StoreError> {
-        // The members are read and the inbox rows written inside the server, in one statement:
-        // 5,000 recipients never cross the wire towards PostgreSQL.
+        // Fan-out on read: the broadcast is one row, whatever the group's size, and the
+        // members' histories find it through their membership intervals (ADR 0004). The
+        // recipients returned for live delivery are exactly the members whose interval
+        // holds this id, as history will see it.
         let rows = sqlx::query(
             "WITH n AS (
                  INSERT INTO notifications (id, kind, title, message, data, created_at)
                  VALUES ($1, $2, $3, $4, $5, $6)
+             ), g AS (
+                 INSERT INTO group_notifications (group_id, notification_id) VALUES ($7, $1)
              )
-             INSERT INTO deliveries (user_id, notification_id)
-             SELECT user_id, $1 FROM group_members WHERE group_id = $7
-             RETURNING user_id",
+             SELECT DISTINCT user_id FROM group_members
+             WHERE group_id = $7 AND since_id < $1 AND (until_id IS NULL OR until_id > $1)",
         )
         .bind(n.id)
         .bind(&n.kind)
@@ -238,14 +241,27 @@ impl PgStore {
         before: Option<Uuid>,
         limit: usize,
     ) -> Result<Vec<Notification>, StoreError> {
-        // Uuid::max() as the default cursor keeps one plan for both the first and later pages.
-        // The bound is repeated on `n.id` so the planner can range-scan notifications too:
-        // without it, generic plans for a heavy user took 30 times longer (ADR 0004).
+        // The newest `limit` of the user's inbox, merged with the newest `limit` of each
+        // group over the user's membership intervals: k + 1 short backward index scans.
+        // Uuid::max() as the default cursor keeps one plan for the first and later pages.
         let rows = sqlx::query(
             "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
-             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-             WHERE d.user_id = $1 AND d.notification_id < $2 AND n.id < $2
-             ORDER BY d.notification_id DESC
+             FROM notifications n
+             WHERE n.id < $2 AND n.id IN (
+                 (SELECT d.notification_id FROM deliveries d
+                  WHERE d.user_id = $1 AND d.notification_id < $2
+                  ORDER BY d.notification_id DESC LIMIT $3)
+                 UNION ALL
+                 (SELECT g.notification_id
+                  FROM group_members m CROSS JOIN LATERAL (
+                      SELECT gn.notification_id FROM group_notifications gn
+                      WHERE gn.group_id = m.group_id
+                        AND gn.notification_id < $2
+                        AND gn.notification_id > m.since_id
+                        AND (m.until_id IS NULL OR gn.notification_id < m.until_id)
+                      ORDER BY gn.notification_id DESC LIMIT $3) g
+                  WHERE m.user_id = $1))
+             ORDER BY n.id DESC
              LIMIT $3",
         )
         .bind(user.as_str())
@@ -264,9 +280,22 @@ impl PgStore {
     ) -> Result<Vec<Notification>, StoreError> {
         let rows = sqlx::query(
             "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
-             FROM deliveries d JOIN notifications n ON n.id = d.notification_id
-             WHERE d.user_id = $1 AND d.notification_id > $2 AND n.id > $2
-             ORDER BY d.notification_id ASC
+             FROM notifications n
+             WHERE n.id > $2 AND n.id IN (
+                 (SELECT d.notification_id FROM deliveries d
+                  WHERE d.user_id = $1 AND d.notification_id > $2
+                  ORDER BY d.notification_id ASC LIMIT $3)
+                 UNION ALL
+                 (SELECT g.notification_id
+                  FROM group_members m CROSS JOIN LATERAL (
+                      SELECT gn.notification_id FROM group_notifications gn
+                      WHERE gn.group_id = m.group_id
+                        AND gn.notification_id > $2
+                        AND gn.notification_id > m.since_id
+                        AND (m.until_id IS NULL OR gn.notification_id < m.until_id)
+                      ORDER BY gn.notification_id ASC LIMIT $3) g
+                  WHERE m.user_id = $1))
+             ORDER BY n.id ASC
              LIMIT $3",
         )
         .bind(user.as_str())
@@ -279,21 +308,27 @@ impl PgStore {
 
     async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "INSERT INTO group_members (group_id, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            "INSERT INTO group_members (group_id, user_id, since_id) VALUES ($1, $2, $3)
+             ON CONFLICT (group_id, user_id) WHERE until_id IS NULL DO NOTHING",
         )
         .bind(group.as_str())
         .bind(user.as_str())
+        .bind(Uuid::now_v7())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM group_members WHERE group_id = $1 AND user_id = $2")
-            .bind(group.as_str())
-            .bind(user.as_str())
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE group_members SET until_id = $3
+             WHERE group_id = $1 AND user_id = $2 AND until_id IS NULL",
+        )
+        .bind(group.as_str())
+        .bind(user.as_str())
+        .bind(Uuid::now_v7())
+        .execute(&self.pool)
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -305,7 +340,7 @@ impl PgStore {
     ) -> Result<MembersPage, StoreError> {
         let rows = sqlx::query(
             "SELECT user_id FROM group_members
-             WHERE group_id = $1 AND user_id > $2
+             WHERE group_id = $1 AND until_id IS NULL AND user_id > $2
              ORDER BY user_id LIMIT $3",
         )
         .bind(group.as_str())

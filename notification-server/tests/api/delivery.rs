@@ -213,3 +213,82 @@ async fn recovery_says_when_it_was_cut_short() {
     assert_eq!(done["count"], 3);
     assert_eq!(done["complete"], true);
 }
+
+#[tokio::test]
+async fn group_history_follows_membership_over_time() {
+    for engine in ENGINES {
+        let app = spawn_app(engine).await;
+        let admin = token("root", &["admin"]);
+        let ivy = token("ivy", &[]);
+        let titles = |page: Value| -> Vec<String> {
+            page["notifications"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["title"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        app.join("club", "jon").await;
+        app.broadcast("club", "before ivy joined").await;
+        app.join("club", "ivy").await;
+        app.broadcast("club", "while ivy was in").await;
+        assert_eq!(
+            app.delete("/v1/groups/club/members/ivy", &admin)
+                .await
+                .status(),
+            204
+        );
+        app.broadcast("club", "after ivy left").await;
+        app.join("club", "ivy").await;
+        app.broadcast("club", "after ivy came back").await;
+        app.send(&["ivy"], "direct").await;
+
+        let page: Value = app
+            .get("/v1/users/ivy/notifications", Some(&ivy))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            titles(page),
+            ["direct", "after ivy came back", "while ivy was in"],
+            "{engine:?}"
+        );
+        let page: Value = app
+            .get("/v1/users/jon/notifications", Some(&token("jon", &[])))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(titles(page).len(), 4, "{engine:?}");
+
+        // Recovery sees the same thing as history.
+        let first: Value = app
+            .get(
+                "/v1/users/ivy/notifications?limit=1&cursor=ffffffff-ffff-ffff-ffff-ffffffffffff",
+                Some(&ivy),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(first["notifications"][0]["title"], "direct");
+        let oldest: Value = app
+            .get("/v1/users/ivy/notifications?limit=100", Some(&ivy))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let oldest_id = oldest["notifications"][2]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut client = app.reconnect("ivy", &oldest_id).await;
+        assert_eq!(
+            client.next_notification().await["title"],
+            "after ivy came back"
+        );
+        assert_eq!(client.next_notification().await["title"], "direct");
+        assert_eq!(client.next_json().await["count"], 2);
+    }
+}
