@@ -36,7 +36,7 @@ CREATE TABLE group_members (
     since_id uuid NOT NULL,
     until_id uuid,
     PRIMARY KEY (group_id, user_id, since_id),
-    CHECK (until_id IS NULL OR until_id > since_id)
+    CHECK (until_id IS NULL OR until_id >= since_id)
 );
 -- At most one open interval per member; also the index of "current members of a group".
 CREATE UNIQUE INDEX group_members_current ON group_members (group_id, user_id)

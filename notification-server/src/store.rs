@@ -217,7 +217,7 @@ impl PgStore {
              ), g AS (
                  INSERT INTO group_notifications (group_id, notification_id) VALUES ($7, $1)
              )
-             SELECT DISTINCT user_id FROM group_members
+             SELECT user_id FROM group_members
              WHERE group_id = $7 AND since_id < $1 AND (until_id IS NULL OR until_id > $1)",
         )
         .bind(n.id)
@@ -229,9 +229,12 @@ impl PgStore {
         .bind(group.as_str())
         .fetch_all(&self.pool)
         .await?;
+        // Intervals do not overlap, but ids come from several nodes' clocks: never deliver twice.
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
         Ok(rows
             .iter()
             .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
+            .filter(|user| seen.insert(user.clone()))
             .collect())
     }
 
@@ -241,28 +244,30 @@ impl PgStore {
         before: Option<Uuid>,
         limit: usize,
     ) -> Result<Vec<Notification>, StoreError> {
-        // The newest `limit` of the user's inbox, merged with the newest `limit` of each
-        // group over the user's membership intervals: k + 1 short backward index scans.
+        // The newest `limit` ids of the user's inbox, merged with the newest `limit` of each
+        // group over the user's membership intervals (k + 1 short backward index scans, each
+        // bounded by its interval), cut to `limit`, and only then joined to the notifications.
         // Uuid::max() as the default cursor keeps one plan for the first and later pages.
         let rows = sqlx::query(
             "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
-             FROM notifications n
-             WHERE n.id < $2 AND n.id IN (
-                 (SELECT d.notification_id FROM deliveries d
-                  WHERE d.user_id = $1 AND d.notification_id < $2
-                  ORDER BY d.notification_id DESC LIMIT $3)
-                 UNION ALL
-                 (SELECT g.notification_id
-                  FROM group_members m CROSS JOIN LATERAL (
-                      SELECT gn.notification_id FROM group_notifications gn
-                      WHERE gn.group_id = m.group_id
-                        AND gn.notification_id < $2
-                        AND gn.notification_id > m.since_id
-                        AND (m.until_id IS NULL OR gn.notification_id < m.until_id)
-                      ORDER BY gn.notification_id DESC LIMIT $3) g
-                  WHERE m.user_id = $1))
-             ORDER BY n.id DESC
-             LIMIT $3",
+             FROM (
+                 SELECT id FROM (
+                     (SELECT d.notification_id AS id FROM deliveries d
+                      WHERE d.user_id = $1 AND d.notification_id < $2
+                      ORDER BY d.notification_id DESC LIMIT $3)
+                     UNION ALL
+                     (SELECT g.notification_id
+                      FROM group_members m CROSS JOIN LATERAL (
+                          SELECT gn.notification_id FROM group_notifications gn
+                          WHERE gn.group_id = m.group_id
+                            AND gn.notification_id > m.since_id
+                            AND gn.notification_id < LEAST($2, COALESCE(m.until_id, $2))
+                          ORDER BY gn.notification_id DESC LIMIT $3) g
+                      WHERE m.user_id = $1)
+                 ) candidates
+                 ORDER BY id DESC LIMIT $3
+             ) newest JOIN notifications n ON n.id = newest.id
+             ORDER BY n.id DESC",
         )
         .bind(user.as_str())
         .bind(before.unwrap_or(Uuid::max()))
@@ -278,29 +283,32 @@ impl PgStore {
         after: Uuid,
         limit: usize,
     ) -> Result<Vec<Notification>, StoreError> {
+        // The same, forwards: the oldest `limit` after `after`.
         let rows = sqlx::query(
             "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
-             FROM notifications n
-             WHERE n.id > $2 AND n.id IN (
-                 (SELECT d.notification_id FROM deliveries d
-                  WHERE d.user_id = $1 AND d.notification_id > $2
-                  ORDER BY d.notification_id ASC LIMIT $3)
-                 UNION ALL
-                 (SELECT g.notification_id
-                  FROM group_members m CROSS JOIN LATERAL (
-                      SELECT gn.notification_id FROM group_notifications gn
-                      WHERE gn.group_id = m.group_id
-                        AND gn.notification_id > $2
-                        AND gn.notification_id > m.since_id
-                        AND (m.until_id IS NULL OR gn.notification_id < m.until_id)
-                      ORDER BY gn.notification_id ASC LIMIT $3) g
-                  WHERE m.user_id = $1))
-             ORDER BY n.id ASC
-             LIMIT $3",
+             FROM (
+                 SELECT id FROM (
+                     (SELECT d.notification_id AS id FROM deliveries d
+                      WHERE d.user_id = $1 AND d.notification_id > $2
+                      ORDER BY d.notification_id ASC LIMIT $3)
+                     UNION ALL
+                     (SELECT g.notification_id
+                      FROM group_members m CROSS JOIN LATERAL (
+                          SELECT gn.notification_id FROM group_notifications gn
+                          WHERE gn.group_id = m.group_id
+                            AND gn.notification_id > GREATEST($2, m.since_id)
+                            AND gn.notification_id < COALESCE(m.until_id, $4)
+                          ORDER BY gn.notification_id ASC LIMIT $3) g
+                      WHERE m.user_id = $1)
+                 ) candidates
+                 ORDER BY id ASC LIMIT $3
+             ) oldest JOIN notifications n ON n.id = oldest.id
+             ORDER BY n.id ASC",
         )
         .bind(user.as_str())
         .bind(after)
         .bind(limit as i64)
+        .bind(Uuid::max())
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(notification_from_row).collect())
@@ -321,7 +329,8 @@ impl PgStore {
 
     async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE group_members SET until_id = $3
+            // GREATEST: another node's clock may be behind the one that recorded the join.
+            "UPDATE group_members SET until_id = GREATEST($3, since_id)
              WHERE group_id = $1 AND user_id = $2 AND until_id IS NULL",
         )
         .bind(group.as_str())
