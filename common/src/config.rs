@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number means seconds) for `#[arg(value_parser = parse_duration)]`.
+/// Parses `250ms`, `5s`, `2m`, `1h`, `14d` (a bare number means seconds) for `#[arg(value_parser = parse_duration)]`.
 pub fn parse_duration(input: &str) -> Result<Duration, String> {
     let input = input.trim();
     let split = input
@@ -11,15 +11,16 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
     let (number, unit) = input.split_at(split);
     let number: u64 = number
         .parse()
-        .map_err(|_| format!("`{input}` is not a duration such as 500ms, 5s, 2m or 1h"))?;
+        .map_err(|_| format!("`{input}` is not a duration such as 500ms, 5s, 2m, 1h or 14d"))?;
     let millis = match unit.trim() {
         "ms" => Some(number),
         "" | "s" => number.checked_mul(1_000),
         "m" => number.checked_mul(60_000),
         "h" => number.checked_mul(3_600_000),
+        "d" => number.checked_mul(86_400_000),
         other => {
             return Err(format!(
-                "unknown duration unit `{other}` (use ms, s, m or h)"
+                "unknown duration unit `{other}` (use ms, s, m, h or d)"
             ));
         }
     };
@@ -65,6 +66,7 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("14d"), Ok(Duration::from_secs(14 * 86_400)));
     }
 
     #[test]

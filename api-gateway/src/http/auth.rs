@@ -1,0 +1,268 @@
+//! `/auth/login`, `/auth/refresh`, `/auth/logout`.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use common::problem::Problem;
+use serde_json::{Map, Value, json};
+
+use super::{AppState, Outcome};
+use crate::{
+    passwords,
+    store::{Rotation, StoreError, User},
+    tokens::{hash_refresh_token, new_refresh_token},
+};
+
+/// Longest user name.
+pub const MAX_USERNAME_CHARS: usize = 64;
+
+/// `POST /auth/login`: `{"username", "password"}` → a token pair.
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let mut object = json_object(&headers, body)?;
+    let username = take_string(&mut object, "username", MAX_USERNAME_CHARS * 4)?;
+    let password = take_string(&mut object, "password", passwords::MAX_PASSWORD_BYTES)?;
+    no_more_fields(&object)?;
+    if username.chars().count() > MAX_USERNAME_CHARS {
+        return Err(Problem::invalid_field(
+            "username",
+            format!("must be at most {MAX_USERNAME_CHARS} characters"),
+        ));
+    }
+
+    let found = state
+        .store
+        .find_user(&username)
+        .await
+        .map_err(store_problem)?;
+    // argon2 runs on the blocking pool: ~20 ms of CPU that must not stall the runtime.
+    let (user, valid) = tokio::task::spawn_blocking(move || match found {
+        Some((user, hash)) => {
+            let valid = passwords::verify(&password, &hash);
+            (Some(user), valid)
+        }
+        None => {
+            // Same work for an unknown name as for a wrong password.
+            let _ = passwords::verify(&password, passwords::decoy());
+            (None, false)
+        }
+    })
+    .await
+    .map_err(|_| Problem::internal())?;
+    let Some(user) = user.filter(|_| valid) else {
+        count(&state.metrics.logins, "invalid_credentials");
+        tracing::info!(action = "login", outcome = "failure", "login refused");
+        return Err(invalid_credentials());
+    };
+    let (refresh, hash) = new_refresh_token();
+    let expires = refresh_expiry(&state);
+    state
+        .store
+        .start_family(user.id, &hash, expires)
+        .await
+        .map_err(store_problem)?;
+    count(&state.metrics.logins, "success");
+    tracing::info!(action = "login", outcome = "success", subject = %user.id, "logged in");
+    token_pair(&state, &user, refresh)
+}
+
+/// `POST /auth/refresh`: `{"refresh_token"}` → a new pair; the presented token is spent.
+pub async fn refresh(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let mut object = json_object(&headers, body)?;
+    let presented = take_string(&mut object, "refresh_token", 256)?;
+    no_more_fields(&object)?;
+    let (next, next_hash) = new_refresh_token();
+    let rotation = state
+        .store
+        .rotate(
+            &hash_refresh_token(&presented),
+            &next_hash,
+            refresh_expiry(&state),
+            state.settings.refresh_race_grace,
+        )
+        .await
+        .map_err(store_problem)?;
+    match rotation {
+        Rotation::Rotated { user, family_id } => {
+            count(&state.metrics.refreshes, "success");
+            tracing::info!(action = "refresh", outcome = "success", subject = %user.id, family = %family_id, "rotated");
+            token_pair(&state, &user, next)
+        }
+        Rotation::Raced => {
+            count(&state.metrics.refreshes, "raced");
+            Err(Problem::new(
+                StatusCode::CONFLICT,
+                "refresh-raced",
+                "Refresh token already rotated",
+                "this refresh token was just rotated by a concurrent request; use the pair that request received",
+            ))
+        }
+        Rotation::Reused { user_id, family_id } => {
+            count(&state.metrics.refreshes, "reuse_detected");
+            tracing::warn!(
+                action = "refresh",
+                outcome = "reuse_detected",
+                subject = %user_id,
+                family = %family_id,
+                "a spent refresh token was presented again; its family is revoked"
+            );
+            Err(invalid_refresh())
+        }
+        Rotation::Invalid => {
+            count(&state.metrics.refreshes, "invalid");
+            Err(invalid_refresh())
+        }
+    }
+}
+
+/// `POST /auth/logout`: `{"refresh_token"}` → 204; the token's family is revoked.
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, Problem> {
+    let mut object = json_object(&headers, body)?;
+    let presented = take_string(&mut object, "refresh_token", 256)?;
+    no_more_fields(&object)?;
+    let revoked = state
+        .store
+        .revoke_family(&hash_refresh_token(&presented))
+        .await
+        .map_err(store_problem)?;
+    state.metrics.logouts.inc();
+    if let Some((user_id, family_id)) = revoked {
+        tracing::info!(action = "logout", outcome = "success", subject = %user_id, family = %family_id, "logged out");
+    }
+    // The same answer for an unknown token: logout reveals nothing about which tokens exist.
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn token_pair(state: &AppState, user: &User, refresh: String) -> Result<Response, Problem> {
+    let (access, _exp) = state.issuer.issue(user).map_err(|error| {
+        tracing::error!(%error, "signing failed");
+        Problem::internal()
+    })?;
+    let mut response = Json(json!({
+        "access_token": access,
+        "token_type": "Bearer",
+        "expires_in": state.issuer.access_ttl().as_secs(),
+        "refresh_token": refresh,
+        "refresh_expires_in": state.settings.refresh_token_ttl.as_secs(),
+    }))
+    .into_response();
+    // RFC 6749 §5.1: token responses must not be cached.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+fn refresh_expiry(state: &AppState) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now()
+        + chrono::Duration::from_std(state.settings.refresh_token_ttl)
+            .unwrap_or(chrono::Duration::days(14))
+}
+
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        Outcome,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    outcome: &'static str,
+) {
+    family.get_or_create(&Outcome { outcome }).inc();
+}
+
+fn invalid_credentials() -> Problem {
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid-credentials",
+        "Invalid credentials",
+        "the user name or the password is wrong",
+    )
+}
+
+fn invalid_refresh() -> Problem {
+    Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "invalid-refresh-token",
+        "Invalid refresh token",
+        "the refresh token is unknown, expired, spent or revoked; log in again",
+    )
+}
+
+fn store_problem(error: StoreError) -> Problem {
+    tracing::error!(%error, "storage failed");
+    Problem::unavailable("the user store is unavailable", 1)
+}
+
+fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, Problem> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large("the body is larger than MAX_BODY_BYTES")
+        } else {
+            Problem::malformed(rejection.body_text())
+        }
+    })?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send the body as application/json",
+        ));
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
+        Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
+    }
+}
+
+fn take_string(
+    object: &mut Map<String, Value>,
+    name: &str,
+    max_bytes: usize,
+) -> Result<String, Problem> {
+    match object.remove(name) {
+        Some(Value::String(s)) if s.is_empty() => {
+            Err(Problem::invalid_field(name, "must not be empty"))
+        }
+        Some(Value::String(s)) if s.len() > max_bytes => Err(Problem::invalid_field(
+            name,
+            format!("must be at most {max_bytes} bytes"),
+        )),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(Problem::invalid_field(name, "must be a string")),
+        None => Err(Problem::invalid_field(name, "is required")),
+    }
+}
+
+fn no_more_fields(object: &Map<String, Value>) -> Result<(), Problem> {
+    match object.keys().next() {
+        Some(unknown) => Err(Problem::invalid_field(
+            unknown,
+            "is not a field of this request",
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,16 @@
+//! The api-gateway: the suite's front door.
+//!
+//! - [`passwords`]: argon2id hashing.
+//! - [`tokens`]: access JWTs signed here and published as a JWKS; opaque refresh tokens.
+//! - [`store`]: users and refresh-token families (rotation with reuse detection).
+//! - [`http`]: the public router and the admin router.
+
+pub mod http;
+pub mod passwords;
+pub mod settings;
+pub mod startup;
+pub mod store;
+pub mod tokens;
+
+pub use settings::Settings;
+pub use startup::Application;

@@ -1,0 +1,264 @@
+//! Users and refresh-token families in PostgreSQL.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row, postgres::PgPoolOptions};
+use uuid::Uuid;
+
+/// A backend failure; the cause is logged, the client gets a 503.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failed: {0}")]
+pub struct StoreError(#[from] sqlx::Error);
+
+/// A user, as tokens describe them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// UUIDv7, the token's `sub`.
+    pub id: Uuid,
+    /// The login name.
+    pub username: String,
+    /// Roles, for RBAC.
+    pub roles: Vec<String>,
+}
+
+/// What presenting a refresh token led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rotation {
+    /// The token was live: it is spent now, and the new one is stored in its family.
+    Rotated {
+        /// Whose family it is.
+        user: User,
+        /// The family.
+        family_id: Uuid,
+    },
+    /// The token was spent moments ago and its successor is still unused: a client racing
+    /// itself (two tabs refreshing at once). Refused, nothing revoked.
+    Raced,
+    /// The token had been spent before: a copy is in someone else's hands. The whole family
+    /// is revoked now.
+    Reused {
+        /// Whose family it was.
+        user_id: Uuid,
+        /// The family, now revoked.
+        family_id: Uuid,
+    },
+    /// Unknown, expired, or revoked.
+    Invalid,
+}
+
+/// The gateway's PostgreSQL.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    /// Connects and applies the embedded migrations.
+    pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .context("database migrations failed")?;
+        Ok(Self { pool })
+    }
+
+    /// Whether PostgreSQL answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Creates a user; `None` when the name is taken.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+        roles: &[String],
+    ) -> Result<Option<User>, StoreError> {
+        let id = Uuid::now_v7();
+        let done = sqlx::query(
+            "INSERT INTO users (id, username, password_hash, roles) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (username) DO NOTHING",
+        )
+        .bind(id)
+        .bind(username)
+        .bind(password_hash)
+        .bind(roles)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then(|| User {
+            id,
+            username: username.to_owned(),
+            roles: roles.to_vec(),
+        }))
+    }
+
+    /// The user named `username` and their password hash.
+    pub async fn find_user(&self, username: &str) -> Result<Option<(User, String)>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, username, roles, password_hash FROM users WHERE username = $1")
+                .bind(username)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|row| {
+            (
+                User {
+                    id: row.get(0),
+                    username: row.get(1),
+                    roles: row.get(2),
+                },
+                row.get(3),
+            )
+        }))
+    }
+
+    /// Stores the first token of a new family (a login); returns the family id.
+    pub async fn start_family(
+        &self,
+        user_id: Uuid,
+        token_hash: &[u8],
+        expires_at: DateTime<Utc>,
+    ) -> Result<Uuid, StoreError> {
+        let family_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(family_id)
+        .bind(user_id)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(family_id)
+    }
+
+    /// Spends the token hashed `presented` and stores `next` in its place, atomically: of
+    /// concurrent rotations of one token exactly one finds it unspent.
+    pub async fn rotate(
+        &self,
+        presented: &[u8],
+        next: &[u8],
+        next_expires_at: DateTime<Utc>,
+        race_grace: Duration,
+    ) -> Result<Rotation, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let next_id = Uuid::now_v7();
+        // The row lock taken here makes a concurrent rotation of the same token wait, then
+        // find it spent.
+        let spent = sqlx::query(
+            "UPDATE refresh_tokens SET spent_at = now(), replaced_by = $2
+             WHERE token_hash = $1 AND spent_at IS NULL AND revoked_at IS NULL
+               AND expires_at > now()
+             RETURNING family_id, user_id",
+        )
+        .bind(presented)
+        .bind(next_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = spent {
+            let family_id: Uuid = row.get(0);
+            let user_id: Uuid = row.get(1);
+            sqlx::query(
+                "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(next_id)
+            .bind(family_id)
+            .bind(user_id)
+            .bind(next)
+            .bind(next_expires_at)
+            .execute(&mut *tx)
+            .await?;
+            let user = sqlx::query("SELECT id, username, roles FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(Rotation::Rotated {
+                user: User {
+                    id: user.get(0),
+                    username: user.get(1),
+                    roles: user.get(2),
+                },
+                family_id,
+            });
+        }
+
+        // Not live. Spent, revoked, expired, or unknown?
+        let row = sqlx::query(
+            "SELECT t.family_id, t.user_id, t.revoked_at IS NOT NULL,
+                    t.spent_at IS NOT NULL AND t.spent_at > now() - make_interval(secs => $2),
+                    n.spent_at IS NULL AND n.revoked_at IS NULL
+             FROM refresh_tokens t LEFT JOIN refresh_tokens n ON n.id = t.replaced_by
+             WHERE t.token_hash = $1 AND t.spent_at IS NOT NULL",
+        )
+        .bind(presented)
+        .bind(race_grace.as_secs_f64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(Rotation::Invalid);
+        };
+        let (family_id, user_id): (Uuid, Uuid) = (row.get(0), row.get(1));
+        let revoked: bool = row.get(2);
+        let recent: bool = row.get(3);
+        let successor_unused: Option<bool> = row.get(4);
+        if revoked {
+            tx.rollback().await?;
+            return Ok(Rotation::Invalid);
+        }
+        if recent && successor_unused == Some(true) {
+            tx.rollback().await?;
+            return Ok(Rotation::Raced);
+        }
+        sqlx::query(
+            "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(family_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Rotation::Reused { user_id, family_id })
+    }
+
+    /// Revokes the family of the token hashed `presented` (logout). Returns the user and
+    /// family when the token was known.
+    pub async fn revoke_family(
+        &self,
+        presented: &[u8],
+    ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+        let row = sqlx::query(
+            "WITH t AS (SELECT family_id, user_id FROM refresh_tokens WHERE token_hash = $1),
+                  r AS (UPDATE refresh_tokens SET revoked_at = now()
+                        WHERE family_id = (SELECT family_id FROM t) AND revoked_at IS NULL)
+             SELECT family_id, user_id FROM t",
+        )
+        .bind(presented)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|row| (row.get(1), row.get(0))))
+    }
+}
+
+/// `postgres://user:secret@host/db` without the secret, for error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}

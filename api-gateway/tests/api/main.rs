@@ -1,0 +1,5 @@
+//! Integration tests: the real gateway on port 0 against a real PostgreSQL (a fresh database
+//! per test).
+
+mod auth;
+mod helpers;
