@@ -62,7 +62,12 @@ impl Store {
             .acquire_timeout(Duration::from_secs(3))
             .connect(url)
             .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to PostgreSQL at {}",
+                    common::config::redact_url(url)
+                )
+            })?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
@@ -248,17 +253,5 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|row| (row.get(1), row.get(0))))
-    }
-}
-
-/// `postgres://user:secret@host/db` without the secret, for error messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }

@@ -55,6 +55,18 @@ pub fn parse_bytes(input: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size `{input}` is too large"))
 }
 
+/// A connection URL with its password masked (`postgres://app:***@db/x`), for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +97,14 @@ mod tests {
         assert_eq!(parse_bytes("16MiB"), Ok(16 << 20));
         assert!(parse_bytes("16MB").is_err());
         assert!(parse_bytes("lots").is_err());
+    }
+
+    #[test]
+    fn redact_url_hides_the_password_only() {
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
     }
 }

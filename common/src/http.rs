@@ -10,9 +10,9 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    body::Body,
-    extract::{ConnectInfo, MatchedPath, Request, State},
-    http::{HeaderName, HeaderValue},
+    body::{Body, Bytes},
+    extract::{ConnectInfo, MatchedPath, Request, State, rejection::BytesRejection},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -230,6 +230,40 @@ pub async fn serve(
             tracing::warn!(grace = ?settings.grace, "grace period over with requests still in flight; closing them");
             Ok(false)
         }
+    }
+}
+
+/// A JSON request body as an object, or the problem saying why it is not one: 413 past the
+/// route's body limit, 415 without `Content-Type: application/json`, 400 for anything that is
+/// not a JSON object. Handlers then take fields out of the map and name the one at fault.
+pub fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large("the body is larger than MAX_BODY_BYTES")
+        } else {
+            Problem::malformed(rejection.body_text())
+        }
+    })?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send the body as application/json",
+        ));
+    }
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Object(object)) => Ok(object),
+        Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
+        Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
     }
 }
 

@@ -26,7 +26,6 @@ use crate::{
     metrics::Metrics,
     notification::{Frame, UserId},
     protocol::close,
-    store::redact,
 };
 
 const VERSION: &str = "n1";
@@ -47,7 +46,7 @@ impl RedisFanout {
     /// Connects the publisher; the channel is `{prefix}fanout`.
     pub async fn connect(url: &str, prefix: &str) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)
-            .with_context(|| format!("invalid REDIS_URL {}", redact(url)))?;
+            .with_context(|| format!("invalid REDIS_URL {}", common::config::redact_url(url)))?;
         let publisher = tokio::time::timeout(
             Duration::from_secs(5),
             ConnectionManager::new(client.clone()),
@@ -55,7 +54,12 @@ impl RedisFanout {
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))
         .and_then(|r| r.map_err(anyhow::Error::from))
-        .with_context(|| format!("cannot connect to Redis at {}", redact(url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to Redis at {}",
+                common::config::redact_url(url)
+            )
+        })?;
         Ok(Self {
             node: Uuid::now_v7(),
             client,

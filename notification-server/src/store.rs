@@ -165,7 +165,12 @@ impl PgStore {
             .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(url)
             .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", redact(url)))?;
+            .with_context(|| {
+                format!(
+                    "cannot connect to PostgreSQL at {}",
+                    common::config::redact_url(url)
+                )
+            })?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
@@ -231,9 +236,7 @@ impl PgStore {
         .await?;
         // Intervals do not overlap, but ids come from several nodes' clocks: never deliver twice.
         let mut seen = std::collections::HashSet::with_capacity(rows.len());
-        Ok(rows
-            .iter()
-            .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
+        Ok(user_ids(&rows)
             .filter(|user| seen.insert(user.clone()))
             .collect())
     }
@@ -357,14 +360,17 @@ impl PgStore {
         .bind(limit as i64 + 1)
         .fetch_all(&self.pool)
         .await?;
-        let mut members: Vec<UserId> = rows
-            .iter()
-            .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
-            .collect();
+        let mut members: Vec<UserId> = user_ids(&rows).collect();
         let more = members.len() > limit;
         members.truncate(limit);
         Ok(MembersPage { members, more })
     }
+}
+
+/// The user ids in the first column of `rows` (written by this service, so always valid).
+fn user_ids(rows: &[sqlx::postgres::PgRow]) -> impl Iterator<Item = UserId> + '_ {
+    rows.iter()
+        .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
 }
 
 fn notification_from_row(row: &sqlx::postgres::PgRow) -> Notification {
@@ -379,18 +385,6 @@ fn notification_from_row(row: &sqlx::postgres::PgRow) -> Notification {
             _ => None,
         },
         timestamp: row.get::<DateTime<Utc>, _>(5),
-    }
-}
-
-/// `postgres://user:secret@host/db` without the secret, for error messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -561,14 +555,5 @@ mod tests {
         assert_eq!(store.members(&g, Some(&user("a")), 5).members, [user("b")]);
         assert!(store.remove_member(&g, &user("a")));
         assert!(!store.remove_member(&g, &user("a")));
-    }
-
-    #[test]
-    fn redact_hides_the_password_only() {
-        assert_eq!(
-            redact("postgres://app:hunter2@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
-        assert_eq!(redact("postgres://db/x"), "postgres://db/x");
     }
 }

@@ -7,7 +7,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use common::problem::Problem;
+use common::{http::json_object, problem::Problem};
 use serde_json::{Map, Value, json};
 
 use super::{AppState, Outcome};
@@ -205,37 +205,6 @@ fn invalid_refresh() -> Problem {
 fn store_problem(error: StoreError) -> Problem {
     tracing::error!(%error, "storage failed");
     Problem::unavailable("the user store is unavailable", 1)
-}
-
-fn json_object(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Map<String, Value>, Problem> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large("the body is larger than MAX_BODY_BYTES")
-        } else {
-            Problem::malformed(rejection.body_text())
-        }
-    })?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            "send the body as application/json",
-        ));
-    }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
-        Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
-    }
 }
 
 fn take_string(

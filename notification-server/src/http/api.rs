@@ -6,10 +6,10 @@ use axum::{
     Json,
     body::Bytes,
     extract::{Path, Query, State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use common::problem::Problem;
+use common::{http::json_object, problem::Problem};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -222,38 +222,6 @@ fn page_params<C>(
         }
     };
     Ok((limit, cursor))
-}
-
-/// The body as a JSON object, or the problem saying why it is not one.
-fn json_object(
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Map<String, Value>, Problem> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large("the body is larger than MAX_BODY_BYTES")
-        } else {
-            Problem::malformed(rejection.body_text())
-        }
-    })?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            "send the body as application/json",
-        ));
-    }
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
-        Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
-    }
 }
 
 fn take_user_ids(object: &mut Map<String, Value>, max: usize) -> Result<Vec<UserId>, Problem> {

@@ -26,7 +26,7 @@ use std::{
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, FromRequestParts, State},
-    http::{HeaderValue, StatusCode, header, request::Parts},
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     middleware::{from_fn, from_fn_with_state},
     response::{IntoResponse, Response},
     routing::{get, post, put},
@@ -208,7 +208,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let token = bearer(parts).ok_or_else(|| unauthorized(None))?;
+        let token = bearer(&parts.headers).ok_or_else(|| unauthorized(None))?;
         match state.verifier.verify(token, chrono::Utc::now().timestamp()) {
             Ok(claims) => Ok(Self(claims)),
             Err(error) => Err(unauthorized(Some(error))),
@@ -217,8 +217,8 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 /// The token of an `Authorization: Bearer` header.
-fn bearer(parts: &Parts) -> Option<&str> {
-    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -20,14 +20,14 @@ use axum::{
             rejection::WebSocketUpgradeRejection,
         },
     },
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
 use common::{auth::Claims, problem::Problem};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
-use super::{AppState, unauthorized};
+use super::{AppState, bearer, unauthorized};
 use crate::{
     hub::Registration,
     metrics::{Metrics, Reason},
@@ -88,13 +88,7 @@ pub async fn upgrade(
             .into_response();
         }
     };
-    let header_token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim().to_owned());
-    let Some(token) = header_token.or(params.token) else {
+    let Some(token) = bearer(&headers).map(str::to_owned).or(params.token) else {
         refuse("unauthenticated");
         return unauthorized(None);
     };
