@@ -3,10 +3,17 @@
 //! - [`passwords`]: argon2id hashing.
 //! - [`tokens`]: access JWTs signed here and published as a JWKS; opaque refresh tokens.
 //! - [`store`]: users and refresh-token families (rotation with reuse detection).
+//! - [`routes`]: path normalisation and the RBAC route table; [`config`]: the route file.
+//! - [`authn`]: access tokens (cached verification) and API keys.
+//! - [`audit`]: the hash-chained audit trail.
 //! - [`http`]: the public router and the admin router.
 
+pub mod audit;
+pub mod authn;
+pub mod config;
 pub mod http;
 pub mod passwords;
+pub mod routes;
 pub mod settings;
 pub mod startup;
 pub mod store;

@@ -47,6 +47,72 @@ pub enum Rotation {
     Invalid,
 }
 
+/// An API key's record (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    /// UUIDv7.
+    pub id: Uuid,
+    /// The key's first characters, to recognise it in lists.
+    pub prefix: String,
+    /// A label.
+    pub name: String,
+    /// The user the key acts for.
+    pub owner_id: Uuid,
+    /// Roles, for RBAC.
+    pub roles: Vec<String>,
+    /// Its own quota (requests, window), if it has one.
+    pub limit: Option<(u32, Duration)>,
+    /// The admin who created it.
+    pub created_by: Uuid,
+    /// When.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key to store: everything but the id and times.
+#[derive(Debug, Clone)]
+pub struct NewApiKey<'a> {
+    /// SHA-256 of the key.
+    pub hash: &'a [u8],
+    /// Its first characters.
+    pub prefix: &'a str,
+    /// A label.
+    pub name: &'a str,
+    /// Whose.
+    pub owner_id: Uuid,
+    /// Roles.
+    pub roles: &'a [String],
+    /// Own quota.
+    pub limit: Option<(u32, Duration)>,
+    /// Creator.
+    pub created_by: Uuid,
+}
+
+const API_KEY_COLUMNS: &str = "id, key_prefix, name, owner_id, roles, limit_count, \
+     limit_window_ms, created_by, created_at, revoked_at";
+
+fn api_key(row: &sqlx::postgres::PgRow) -> ApiKey {
+    let count: Option<i32> = row.get(5);
+    let window_ms: Option<i64> = row.get(6);
+    ApiKey {
+        id: row.get(0),
+        prefix: row.get(1),
+        name: row.get(2),
+        owner_id: row.get(3),
+        roles: row.get(4),
+        limit: count.zip(window_ms).map(|(count, ms)| {
+            (
+                u32::try_from(count).unwrap_or(0),
+                Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+            )
+        }),
+        created_by: row.get(7),
+        created_at: row.get(8),
+        revoked_at: row.get(9),
+    }
+}
+
 /// The gateway's PostgreSQL.
 #[derive(Clone)]
 pub struct Store {
@@ -253,5 +319,88 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.map(|row| (row.get(1), row.get(0))))
+    }
+
+    /// The pool, for the audit writer.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Whether a user with this id exists.
+    pub async fn user_exists(&self, id: Uuid) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Stores a new API key.
+    pub async fn create_api_key(&self, key: NewApiKey<'_>) -> Result<ApiKey, StoreError> {
+        let (count, window_ms) = match key.limit {
+            Some((count, window)) => (
+                Some(i32::try_from(count).unwrap_or(i32::MAX)),
+                Some(i64::try_from(window.as_millis()).unwrap_or(i64::MAX)),
+            ),
+            None => (None, None),
+        };
+        let row = sqlx::query(&format!(
+            "INSERT INTO api_keys (id, key_hash, key_prefix, name, owner_id, roles, limit_count,
+                                   limit_window_ms, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(Uuid::now_v7())
+        .bind(key.hash)
+        .bind(key.prefix)
+        .bind(key.name)
+        .bind(key.owner_id)
+        .bind(key.roles)
+        .bind(count)
+        .bind(window_ms)
+        .bind(key.created_by)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(api_key(&row))
+    }
+
+    /// The live (unrevoked) key with this hash.
+    pub async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
+        ))
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(api_key))
+    }
+
+    /// Keys in id order after `after`, at most `limit`, revoked ones included.
+    pub async fn list_api_keys(
+        &self,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE $1::uuid IS NULL OR id > $1
+             ORDER BY id LIMIT $2"
+        ))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(api_key).collect())
+    }
+
+    /// Revokes a key; returns its record (`None`: no such key). Revoking twice keeps the
+    /// first time.
+    pub async fn revoke_api_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
+             RETURNING {API_KEY_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(api_key))
     }
 }

@@ -1,0 +1,295 @@
+//! Who is calling: an access token (`Authorization: Bearer`) or an API key (`X-API-Key`).
+//!
+//! Verifying an EdDSA signature costs tens of microseconds, more than everything else the
+//! gateway does for a request, and a client sends the same token for its whole lifetime. So
+//! [`TokenCache`] remembers tokens that verified, keyed by a hash of the token and compared
+//! in full, until the moment the verifier itself would stop accepting them. Only successes
+//! are cached: a bad token is checked (and refused) every time.
+//!
+//! API keys are looked up by their SHA-256; [`KeyCache`] keeps found keys for a few seconds.
+//! A revocation on this replica evicts the key at once; other replicas notice within
+//! `API_KEY_CACHE_TTL`.
+
+use std::{
+    hash::BuildHasher,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
+use common::auth::{Claims, TokenError, Verifier};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::store::{ApiKey, Store, StoreError};
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// A user, by access token.
+    User(Arc<Claims>),
+    /// An API key, acting for its owner with its own roles.
+    Key(Arc<ApiKey>),
+}
+
+impl Principal {
+    /// The subject for logs, audit and upstreams: the user id, or `key:<id>`.
+    pub fn subject(&self) -> String {
+        match self {
+            Self::User(claims) => claims.sub.clone(),
+            Self::Key(key) => format!("key:{}", key.id),
+        }
+    }
+
+    /// The user upstreams act for: the token's subject, or the key's owner.
+    pub fn user_id(&self) -> String {
+        match self {
+            Self::User(claims) => claims.sub.clone(),
+            Self::Key(key) => key.owner_id.to_string(),
+        }
+    }
+
+    /// Roles for RBAC.
+    pub fn roles(&self) -> &[String] {
+        match self {
+            Self::User(claims) => &claims.roles,
+            Self::Key(key) => &key.roles,
+        }
+    }
+}
+
+/// Why a caller is not authenticated; the reason goes to logs, audit and metrics only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthnError {
+    /// No credentials at all.
+    #[error("no credentials")]
+    Missing,
+    /// An `Authorization` header that is not `Bearer <token>`.
+    #[error("unsupported authorization scheme")]
+    Scheme,
+    /// The token was refused.
+    #[error("invalid token: {0}")]
+    Token(TokenError),
+    /// No live key matches.
+    #[error("unknown or revoked API key")]
+    UnknownKey,
+    /// Both a token and a key: ambiguous, refused.
+    #[error("both a token and an API key")]
+    Both,
+}
+
+impl AuthnError {
+    /// A short stable reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Scheme => "scheme",
+            Self::Token(error) => error.reason(),
+            Self::UnknownKey => "unknown_api_key",
+            Self::Both => "ambiguous",
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+/// Tokens that verified, until they would stop verifying.
+pub struct TokenCache {
+    verifier: Verifier,
+    leeway_secs: i64,
+    shards: Box<[Mutex<std::collections::HashMap<u64, (Box<str>, Arc<Claims>)>>]>,
+    per_shard: usize,
+    hasher: std::hash::RandomState,
+}
+
+impl TokenCache {
+    /// A cache of at most `capacity` tokens in front of `verifier`, whose leeway is
+    /// `leeway_secs`.
+    pub fn new(verifier: Verifier, leeway_secs: i64, capacity: usize) -> Self {
+        Self {
+            verifier,
+            leeway_secs,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: capacity.div_ceil(SHARDS).max(1),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+
+    /// The claims of `token` at `now` (seconds since the epoch).
+    pub fn verify(&self, token: &str, now: i64) -> Result<Arc<Claims>, TokenError> {
+        let hash = self.hasher.hash_one(token);
+        let shard = &self.shards[(hash as usize) % SHARDS];
+        if let Some((cached, claims)) = shard.lock().get(&hash)
+            && **cached == *token
+            && self.still_valid(claims, now)
+        {
+            return Ok(Arc::clone(claims));
+        }
+        let claims = Arc::new(self.verifier.verify(token, now)?);
+        let mut shard = shard.lock();
+        if shard.len() >= self.per_shard {
+            // Cheap and rare: drop what has expired, and everything if that is not enough.
+            shard.retain(|_, (_, c)| self.still_valid(c, now));
+            if shard.len() >= self.per_shard {
+                shard.clear();
+            }
+        }
+        shard.insert(hash, (token.into(), Arc::clone(&claims)));
+        Ok(claims)
+    }
+
+    /// Verifies without the cache (benchmarks compare).
+    pub fn verify_uncached(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        self.verifier.verify(token, now)
+    }
+
+    fn still_valid(&self, claims: &Claims, now: i64) -> bool {
+        // The verifier's own rules (`common::auth::Verifier::verify`).
+        let not_before = claims.nbf.unwrap_or(claims.iat).max(claims.iat);
+        claims.exp.saturating_add(self.leeway_secs) >= now
+            && not_before.saturating_sub(self.leeway_secs) <= now
+    }
+}
+
+/// API keys found recently.
+pub struct KeyCache {
+    ttl: Duration,
+    entries: Mutex<std::collections::HashMap<[u8; 32], (Instant, Arc<ApiKey>)>>,
+    capacity: usize,
+}
+
+impl KeyCache {
+    /// Keeps found keys for `ttl`, at most `capacity` of them.
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::default(),
+            capacity,
+        }
+    }
+
+    /// The live key `presented` is, if any.
+    pub async fn find(
+        &self,
+        store: &Store,
+        presented: &str,
+    ) -> Result<Option<Arc<ApiKey>>, StoreError> {
+        let hash = hash_api_key(presented);
+        if let Some((at, key)) = self.entries.lock().get(&hash)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(Some(Arc::clone(key)));
+        }
+        let Some(key) = store.find_api_key(&hash).await? else {
+            self.entries.lock().remove(&hash);
+            return Ok(None);
+        };
+        let key = Arc::new(key);
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(hash, (Instant::now(), Arc::clone(&key)));
+        Ok(Some(key))
+    }
+
+    /// Forgets the key `id` (after a revocation here).
+    pub fn evict(&self, id: Uuid) {
+        self.entries.lock().retain(|_, (_, key)| key.id != id);
+    }
+}
+
+/// The prefix every API key starts with, so leaked keys are recognisable by scanners.
+pub const API_KEY_PREFIX: &str = "gwk_";
+
+/// A new API key (256 random bits) and its SHA-256.
+pub fn new_api_key() -> (String, [u8; 32]) {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    let key = format!("{API_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let hash = hash_api_key(&key);
+    (key, hash)
+}
+
+/// SHA-256 of a presented key.
+pub fn hash_api_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::auth::{KeySet, Signer};
+
+    const PRIVATE: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
+    const PUBLIC: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
+
+    fn cache() -> TokenCache {
+        let mut keys = KeySet::new();
+        keys.insert_ed25519_pem("k", PUBLIC).unwrap();
+        TokenCache::new(Verifier::new(keys, "iss", "aud"), 30, 4)
+    }
+
+    fn token(exp: i64) -> String {
+        let claims = Claims {
+            sub: "u".into(),
+            roles: vec![],
+            groups: vec![],
+            iss: "iss".into(),
+            aud: "aud".into(),
+            exp,
+            iat: exp - 900,
+            nbf: None,
+            jti: Uuid::now_v7().to_string(),
+        };
+        Signer::ed25519_pem("k", PRIVATE)
+            .unwrap()
+            .sign(&claims)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_cached_token_stops_verifying_when_the_verifier_would_refuse_it() {
+        let cache = cache();
+        let token = token(1_000);
+        assert!(cache.verify(&token, 900).is_ok());
+        assert!(cache.verify(&token, 1_030).is_ok(), "inside the leeway");
+        assert_eq!(cache.verify(&token, 1_031), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_tampered_token_is_not_served_from_the_cache() {
+        let cache = cache();
+        let token = token(1_000);
+        cache.verify(&token, 900).unwrap();
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(cache.verify(&tampered, 900).is_err());
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = cache();
+        for _ in 0..100 {
+            cache.verify(&token(1_000), 900).unwrap();
+        }
+        let cached: usize = cache.shards.iter().map(|s| s.lock().len()).sum();
+        assert!(cached <= SHARDS, "{cached}");
+    }
+
+    #[test]
+    fn api_keys_are_random_prefixed_and_hashed() {
+        let (a, hash) = new_api_key();
+        let (b, _) = new_api_key();
+        assert_ne!(a, b);
+        assert!(a.starts_with(API_KEY_PREFIX));
+        assert_eq!(a.len(), API_KEY_PREFIX.len() + 43);
+        assert_eq!(hash_api_key(&a), hash);
+    }
+}
