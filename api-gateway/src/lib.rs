@@ -4,9 +4,11 @@
 //! - [`tokens`]: access JWTs signed here and published as a JWKS; opaque refresh tokens.
 //! - [`store`]: users and refresh-token families (rotation with reuse detection).
 //! - [`http`]: the public router and the admin router.
+//! - [`proxy`]: forwarding `/api/*` to upstream pools (sticky hashing, breakers, health checks).
 
 pub mod http;
 pub mod passwords;
+pub mod proxy;
 pub mod settings;
 pub mod startup;
 pub mod store;
