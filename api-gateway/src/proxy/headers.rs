@@ -50,15 +50,20 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
 /// `Trailer`, `Transfer-Encoding` and `Upgrade`. For a WebSocket upgrade, `Upgrade` and
 /// `Connection: upgrade` are kept, since the upgrade is what is being proxied.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers named by Connection are removed first; names are read without allocating
-    // unless one is actually listed.
+    // Headers named by Connection are removed first.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            // The usual tokens name no other header: skipping them keeps the common
+            // `Connection: keep-alive` from allocating.
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .collect();
         for name in named {
             if keep_upgrade && name == header::UPGRADE {
@@ -193,6 +198,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>) {
             headers.insert(X_FORWARDED_FOR.clone(), value);
         }
     }
+    headers.remove(&X_FORWARDED_HOST);
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }

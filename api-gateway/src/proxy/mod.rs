@@ -494,7 +494,9 @@ impl Proxy {
     }
 
     /// Runs the active health checks until `stop` fires; then also closes every WebSocket
-    /// tunnel, so a graceful shutdown is not held up by long-lived connections.
+    /// tunnel, so a graceful shutdown is not held up by long-lived connections. Pass the
+    /// token whose cancellation starts the server's shutdown; await the handle to know the
+    /// checks have ended.
     pub fn start(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
