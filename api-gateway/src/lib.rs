@@ -7,12 +7,14 @@
 //! - [`authn`]: access tokens (cached verification) and API keys.
 //! - [`audit`]: the hash-chained audit trail.
 //! - [`http`]: the public router and the admin router.
+//! - [`proxy`]: forwarding `/api/*` to upstream pools (sticky hashing, breakers, health checks).
 
 pub mod audit;
 pub mod authn;
 pub mod config;
 pub mod http;
 pub mod passwords;
+pub mod proxy;
 pub mod routes;
 pub mod settings;
 pub mod startup;

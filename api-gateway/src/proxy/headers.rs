@@ -1,0 +1,259 @@
+//! Header rewriting between client and upstream: what an upstream may trust (identity set by
+//! the gateway alone), what belongs to one connection only (hop-by-hop), and what follows a
+//! request across services (request id, `traceparent`, `X-Forwarded-*`).
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The authenticated subject, set by the gateway only.
+pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+/// The subject's roles, comma-joined, set by the gateway only.
+pub static X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
+/// A client's API key: the gateway's business, never an upstream's.
+pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// W3C trace context.
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// The client addresses a request passed through.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// The scheme the client used.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The host the client asked for.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// Whether a request asks to become a WebSocket (`Upgrade: websocket` with
+/// `Connection: upgrade`).
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let upgrade = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| contains_token(v, "websocket"));
+    upgrade
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| contains_token(v, "upgrade"))
+}
+
+fn contains_token(value: &HeaderValue, token: &str) -> bool {
+    value.to_str().is_ok_and(|v| {
+        v.split(',')
+            .any(|part| part.trim().eq_ignore_ascii_case(token))
+    })
+}
+
+/// Removes the headers that describe one connection (RFC 9110 §7.6.1): `Connection` and every
+/// header it names, `Keep-Alive`, `Proxy-Authenticate`, `Proxy-Authorization`, `TE`,
+/// `Trailer`, `Transfer-Encoding` and `Upgrade`. For a WebSocket upgrade, `Upgrade` and
+/// `Connection: upgrade` are kept, since the upgrade is what is being proxied.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers named by Connection are removed first.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // The usual tokens name no other header: skipping them keeps the common
+            // `Connection: keep-alive` from allocating.
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if keep_upgrade && name == header::UPGRADE {
+                continue;
+            }
+            headers.remove(&name);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    headers.remove(header::TE);
+    headers.remove(header::TRAILER);
+    headers.remove(header::TRANSFER_ENCODING);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Replaces whatever identity a client claimed with the one the gateway established.
+/// Fails only when the subject cannot be a header value (control characters).
+pub fn set_identity(headers: &mut HeaderMap, subject: &str, roles: &[String]) -> Result<(), ()> {
+    headers.remove(&X_USER_ID);
+    headers.remove(&X_USER_ROLES);
+    headers.remove(&X_API_KEY);
+    let subject = HeaderValue::from_str(subject).map_err(|_| ())?;
+    let roles = HeaderValue::from_str(&roles.join(",")).map_err(|_| ())?;
+    headers.insert(X_USER_ID.clone(), subject);
+    headers.insert(X_USER_ROLES.clone(), roles);
+    Ok(())
+}
+
+/// Sets `X-Request-Id`: the current request's id (from the gateway's request context), else a
+/// safe id the client sent, else a new UUIDv7.
+pub fn set_request_id(headers: &mut HeaderMap) {
+    let id = common::http::request_id::current()
+        .and_then(|id| HeaderValue::try_from(id).ok())
+        .or_else(|| {
+            headers
+                .get(&common::http::X_REQUEST_ID)
+                .filter(|v| {
+                    v.to_str()
+                        .is_ok_and(common::http::request_id::accept_client_id)
+                })
+                .cloned()
+        })
+        .unwrap_or_else(|| {
+            HeaderValue::try_from(uuid::Uuid::now_v7().to_string())
+                .expect("a UUID is a valid header value")
+        });
+    headers.insert(common::http::X_REQUEST_ID.clone(), id);
+}
+
+/// Sets `traceparent`: a valid incoming one keeps its trace id and flags and gets a new parent
+/// id (the gateway's own span); anything else is replaced by a new trace.
+pub fn set_traceparent(headers: &mut HeaderMap) {
+    let incoming = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let (trace_id, flags) = match incoming {
+        Some((trace_id, flags)) => (trace_id, flags),
+        None => (uuid::Uuid::now_v7().as_u128(), 0x01),
+    };
+    let value = format_traceparent(trace_id, new_span_id(), flags);
+    headers.insert(
+        TRACEPARENT.clone(),
+        HeaderValue::try_from(value).expect("hex is a valid header value"),
+    );
+}
+
+/// The trace id and flags of a valid version-00 `traceparent` (W3C Trace Context §3.2).
+pub fn parse_traceparent(value: &str) -> Option<(u128, u8)> {
+    let value = value.trim();
+    let mut parts = value.split('-');
+    let version = parts.next()?;
+    let trace_id = parts.next()?;
+    let parent_id = parts.next()?;
+    let flags = parts.next()?;
+    let lower_hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let well_formed = lower_hex(version, 2)
+        && lower_hex(trace_id, 32)
+        && lower_hex(parent_id, 16)
+        && lower_hex(flags, 2);
+    if !well_formed
+        || version == "ff"
+        // Version 00 has exactly four fields; later versions may append more.
+        || (version == "00" && parts.next().is_some())
+    {
+        return None;
+    }
+    let trace_id = u128::from_str_radix(trace_id, 16).ok()?;
+    let parent_id = u64::from_str_radix(parent_id, 16).ok()?;
+    if trace_id == 0 || parent_id == 0 {
+        return None;
+    }
+    Some((trace_id, u8::from_str_radix(flags, 16).ok()?))
+}
+
+/// `00-{trace id}-{parent id}-{flags}` in lower-case hex.
+pub fn format_traceparent(trace_id: u128, parent_id: u64, flags: u8) -> String {
+    let mut value = String::with_capacity(55);
+    let _ = write!(value, "00-{trace_id:032x}-{parent_id:016x}-{flags:02x}");
+    value
+}
+
+/// A new, non-zero 64-bit span id: xxh3 of a fresh UUIDv7, so ids made in the same
+/// millisecond still differ in every bit position.
+fn new_span_id() -> u64 {
+    let id = xxh3_64(uuid::Uuid::now_v7().as_bytes());
+    if id == 0 { 1 } else { id }
+}
+
+/// Appends the client's address to `X-Forwarded-For` (keeping what earlier proxies wrote),
+/// records the original `Host` in `X-Forwarded-Host`, and sets `X-Forwarded-Proto`.
+pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>) {
+    if let Some(ip) = client {
+        let mut value = String::with_capacity(64);
+        for earlier in headers.get_all(&X_FORWARDED_FOR) {
+            if let Ok(earlier) = earlier.to_str() {
+                value.push_str(earlier.trim());
+                value.push_str(", ");
+            }
+        }
+        let _ = write!(value, "{ip}");
+        if let Ok(value) = HeaderValue::try_from(value) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+    }
+    headers.remove(&X_FORWARDED_HOST);
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    // The gateway listens on plain HTTP; TLS, when there is any, ends in front of it.
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_and_fixed_hop_by_hop_headers_go() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, X-Secret".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert(header::TE, "trailers".parse().unwrap());
+        headers.insert(header::UPGRADE, "h2c".parse().unwrap());
+        headers.insert(header::PROXY_AUTHORIZATION, "Basic x".parse().unwrap());
+        headers.insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer t");
+    }
+
+    #[test]
+    fn a_websocket_upgrade_keeps_its_upgrade_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert!(is_websocket_upgrade(&headers));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn traceparent_validation_follows_the_w3c_rules() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            parse_traceparent(good),
+            Some((0x4bf92f3577b34da6a3ce929d0e0e4736, 1))
+        );
+        for bad in [
+            "",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+        assert_eq!(format_traceparent(0xab, 0xcd, 1).len(), 55);
+    }
+}
