@@ -23,10 +23,11 @@ if now < start then
   now = start
 end
 local passed = math.floor((now - start) / window)
-if passed >= 1 then
-  if passed == 1 then prev = cur else prev = 0 end
-  cur = 0
-  start = start + passed * window
+if passed == 1 then
+  start, prev, cur = start + window, cur, 0
+elseif passed >= 2 then
+  -- Two quiet windows leave nothing to count: start afresh, anchored now (as after PEXPIRE).
+  start, prev, cur = now, 0, 0
 end
 local elapsed = now - start
 local left = window - elapsed

@@ -4,7 +4,8 @@
 //! is the current window's start, the previous window's count and the current count. The
 //! estimate of requests in the last `window` is `previous × (window − elapsed) / window +
 //! current`; a request is admitted, and counted, only if the estimate plus one stays within
-//! the limit. `sliding_window.lua` is the same algorithm for Redis; the two must agree
+//! the limit. After two windows without a request the key starts afresh, anchored at its next
+//! request. `sliding_window.lua` is the same algorithm for Redis; the two must agree
 //! decision for decision (a test checks it), so all arithmetic here is in integers, and the
 //! Lua script does the same operations on doubles, which are exact below 2^53.
 
@@ -54,10 +55,20 @@ pub(crate) fn decide(
         now = state.start;
     }
     let passed = (now - state.start) / window;
-    if passed >= 1 {
-        state.previous = if passed == 1 { state.current } else { 0 };
-        state.current = 0;
-        state.start += passed * window;
+    if passed == 1 {
+        state = WindowState {
+            start: state.start + window,
+            previous: state.current,
+            current: 0,
+        };
+    } else if passed >= 2 {
+        // Two quiet windows leave nothing to count: start afresh, anchored now, as after the
+        // Redis key expired.
+        state = WindowState {
+            start: now,
+            previous: 0,
+            current: 0,
+        };
     }
     let elapsed = now - state.start;
     let left = window - elapsed;
@@ -212,10 +223,13 @@ mod tests {
     }
 
     #[test]
-    fn after_two_quiet_windows_the_past_is_forgotten() {
+    fn after_two_quiet_windows_the_key_starts_afresh() {
         let (_, state) = decide(None, 0, MINUTE, 1);
         let (verdict, next) = decide(state, 2 * MINUTE + 1, MINUTE, 1);
         assert!(verdict.allowed);
-        assert_eq!(next.map(|s| (s.start, s.previous)), Some((2 * MINUTE, 0)));
+        assert_eq!(
+            next.map(|s| (s.start, s.previous)),
+            Some((2 * MINUTE + 1, 0))
+        );
     }
 }
