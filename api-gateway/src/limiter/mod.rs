@@ -57,7 +57,7 @@ pub const SLIDING_WINDOW_SCRIPT: &str = redis::SLIDING_WINDOW_SCRIPT;
 pub struct Quota {
     /// Requests admitted per window (≥ 1).
     pub limit: u32,
-    /// The window (≥ 1 ms).
+    /// The window (≥ 1 ms; limit × window in µs below 2^53, e.g. up to 150 million a minute, or 104,000 a day).
     pub window: Duration,
 }
 
@@ -69,6 +69,12 @@ impl Quota {
         }
         if window < Duration::from_millis(1) {
             return Err("a rate-limit window must be at least 1ms".into());
+        }
+        // The Redis script computes in doubles: exact while limit × window (µs) < 2^53.
+        if u128::from(limit) * window.as_micros() >= 1 << 53 {
+            return Err(format!(
+                "{limit} per {window:?} is beyond what the limiter counts exactly (limit × window in µs must stay below 2^53)"
+            ));
         }
         Ok(Self { limit, window })
     }
@@ -586,6 +592,7 @@ mod tests {
             "user = { limit = 0, window = \"1m\" }",
             "user = { limit = 5, window = \"0s\" }",
             "user = { limit = 5, window = \"1 fortnight\" }",
+            "user = { limit = 200000, window = \"1d\" }",
             "user = { limit = 5, window = \"1m\", burst = 3 }",
         ] {
             assert!(toml::from_str::<Routes>(bad).is_err(), "{bad}");
