@@ -6,6 +6,7 @@
 //! - [`routes`]: path normalisation and the RBAC route table; [`config`]: the route file.
 //! - [`authn`]: access tokens (cached verification) and API keys.
 //! - [`audit`]: the hash-chained audit trail.
+//! - [`limiter`]: rate limits shared by every replica through Redis, with a local fallback.
 //! - [`http`]: the public router and the admin router.
 //! - [`proxy`]: forwarding `/api/*` to upstream pools (sticky hashing, breakers, health checks).
 
@@ -13,6 +14,7 @@ pub mod audit;
 pub mod authn;
 pub mod config;
 pub mod http;
+pub mod limiter;
 pub mod passwords;
 pub mod proxy;
 pub mod routes;

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on port 0 against a real PostgreSQL (a fresh database
-//! per test).
+//! per test), a real Redis (a key prefix per test) and real upstream servers.
 
 mod auth;
 mod helpers;
+mod limiter;
 mod proxy;

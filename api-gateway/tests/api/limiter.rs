@@ -1,0 +1,512 @@
+//! The rate limiter against a real Redis: the boundary burst, refused requests that consume
+//! nothing, exact Retry-After, two replicas sharing a quota, the local limiter matching Redis,
+//! and a private redis-server killed and restarted under each down policy. Also the figures
+//! ADR 0006 quotes (`adr_0006_figures`, run with `--no-capture` to see them).
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use api_gateway::limiter::{
+    Backend, Clock, Decision, Limiter, LimiterSettings, ManualClock, Quota, RedisDownPolicy,
+    SystemClock, gcra,
+};
+use axum::http::HeaderMap;
+use chrono::{NaiveDate, TimeZone, Utc};
+use prometheus_client::registry::Registry;
+use uuid::Uuid;
+
+const SECOND: u64 = 1_000_000;
+
+fn test_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The shared test Redis, or a panic saying how to start one.
+async fn redis_url() -> String {
+    let url = test_redis_url();
+    let reachable = async {
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    if let Err(error) = tokio::time::timeout(Duration::from_secs(3), reachable)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
+    {
+        panic!(
+            "Redis is not reachable at {url} ({error}). Start it with \
+             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
+             at a running server (scripts/test does both)."
+        );
+    }
+    url
+}
+
+/// A key prefix no other test uses.
+fn fresh_prefix() -> String {
+    format!("limiter-test-{}:", Uuid::now_v7().simple())
+}
+
+fn settings(url: Option<String>, prefix: &str) -> LimiterSettings {
+    LimiterSettings {
+        redis_url: url,
+        key_prefix: prefix.to_owned(),
+        // Generous: a debug build on two busy cores must not flip to the fallback by accident.
+        redis_timeout: Duration::from_secs(2),
+        down_policy: RedisDownPolicy::Local,
+        probe_interval: Duration::from_millis(200),
+    }
+}
+
+async fn limiter(settings: LimiterSettings, clock: Arc<dyn Clock>) -> (Limiter, Registry) {
+    let mut registry = Registry::with_prefix("api_gateway");
+    let limiter = Limiter::new(settings, clock, &mut registry)
+        .await
+        .expect("failed to build the limiter");
+    (limiter, registry)
+}
+
+/// 2030-01-01 at `h:m:s` UTC, in microseconds.
+fn at(h: u32, m: u32, s: u32) -> u64 {
+    let time = NaiveDate::from_ymd_opt(2030, 1, 1)
+        .and_then(|d| d.and_hms_opt(h, m, s))
+        .unwrap();
+    u64::try_from(Utc.from_utc_datetime(&time).timestamp_micros()).unwrap()
+}
+
+/// Sends `count` requests for `key` one after the other; how many were admitted.
+async fn burst(limiter: &Limiter, key: &str, quota: Quota, count: u32) -> u32 {
+    let mut admitted = 0;
+    for _ in 0..count {
+        let decision = limiter.check(key, quota).await;
+        assert_eq!(decision.backend, Backend::Redis, "{decision:?}");
+        admitted += u32::from(decision.allowed);
+    }
+    admitted
+}
+
+fn metric(registry: &Registry, name: &str) -> Option<String> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")).map(str::to_owned))
+}
+
+#[tokio::test]
+async fn limiter_a_burst_either_side_of_a_minute_passes_the_limit_once_not_twice() {
+    let clock = ManualClock::new(at(12, 0, 59));
+    let (limiter, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let quota = Quota::per_minute(100);
+    let before = burst(&limiter, "user:alice", quota, 100).await;
+    clock.set(at(12, 1, 1));
+    let after = burst(&limiter, "user:alice", quota, 100).await;
+    // The key's window opened at 12:00:59 and runs to 12:01:59: the second burst is in it.
+    assert_eq!((before, after), (100, 0));
+}
+
+#[tokio::test]
+async fn limiter_a_burst_straddling_the_keys_own_window_boundary_passes_the_limit_once() {
+    // An earlier request anchors the key's windows at 12:00:00, so 12:01:00 divides the burst.
+    let clock = ManualClock::new(at(12, 0, 0));
+    let (limiter, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let quota = Quota::per_minute(100);
+    assert_eq!(burst(&limiter, "user:bob", quota, 1).await, 1);
+    clock.set(at(12, 0, 59));
+    let before = burst(&limiter, "user:bob", quota, 100).await;
+    clock.set(at(12, 1, 1));
+    let after = burst(&limiter, "user:bob", quota, 100).await;
+    // At 12:01:01 the previous window's 100 still weigh 100 × 59/60 = 98.3: one more fits.
+    assert_eq!((before, after), (99, 1));
+    assert!(before + after <= 100);
+}
+
+#[tokio::test]
+async fn limiter_refused_requests_consume_nothing() {
+    let start = at(9, 0, 0);
+    let clock = ManualClock::new(start);
+    let (limiter, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let quota = Quota::per_minute(10);
+    for key in ["spammer", "control"] {
+        assert_eq!(burst(&limiter, key, quota, 10).await, 10);
+    }
+    // The spammer keeps hammering for the rest of the window; the control waits.
+    for step in 1..=500u64 {
+        clock.set(start + step * 120_000);
+        assert!(!limiter.check("spammer", quota).await.allowed);
+    }
+    // Both recover exactly alike, request for request.
+    for second in 61..=200u64 {
+        clock.set(start + second * SECOND);
+        let spammer = limiter.check("spammer", quota).await;
+        let control = limiter.check("control", quota).await;
+        assert_eq!(spammer, control, "at +{second}s");
+    }
+}
+
+#[tokio::test]
+async fn limiter_retry_after_is_exact() {
+    let start = at(10, 0, 0);
+    let clock = ManualClock::new(start);
+    let (limiter, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let quota = Quota::per_minute(5);
+    // Full in this window; then 40 s into the next, with the previous five decaying.
+    for (key, setup) in [("full", vec![(0, 5)]), ("decaying", vec![(0, 5), (100, 3)])] {
+        for (second, count) in setup {
+            clock.set(start + second * SECOND);
+            burst(&limiter, key, quota, count).await;
+        }
+        let refused = limiter.check(key, quota).await;
+        assert!(!refused.allowed, "{key}: {refused:?}");
+        let wait = u64::try_from(refused.retry_after.unwrap().as_micros()).unwrap();
+        let now = clock.now_micros();
+        clock.set(now + wait - 1);
+        assert!(!limiter.check(key, quota).await.allowed, "{key}: early");
+        clock.set(now + wait);
+        assert!(limiter.check(key, quota).await.allowed, "{key}: on time");
+    }
+}
+
+#[tokio::test]
+async fn limiter_two_replicas_sharing_redis_admit_exactly_the_quota_of_3000_concurrent_requests() {
+    let url = redis_url().await;
+    let prefix = fresh_prefix();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let (a, _) = limiter(settings(Some(url.clone()), &prefix), clock.clone()).await;
+    let (b, _) = limiter(settings(Some(url), &prefix), clock).await;
+    let quota = Quota::per_minute(1_000);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..3_000 {
+        let replica = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move { replica.check("user:carol", quota).await });
+    }
+    let decisions: Vec<Decision> = tasks.join_all().await;
+    assert!(decisions.iter().all(|d| d.backend == Backend::Redis));
+    assert_eq!(decisions.iter().filter(|d| d.allowed).count(), 1_000);
+}
+
+#[tokio::test]
+async fn limiter_headers_describe_a_real_decision() {
+    let clock = ManualClock::new(at(11, 0, 0));
+    let (limiter, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let quota = Quota::per_minute(2);
+    let mut headers = HeaderMap::new();
+    limiter
+        .check("key:k1", quota)
+        .await
+        .write_headers("api-key", &mut headers);
+    let get = |h: &HeaderMap, name: &str| h.get(name).map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(
+        get(&headers, "ratelimit-policy").unwrap(),
+        r#""api-key";q=2;w=60"#
+    );
+    assert_eq!(get(&headers, "ratelimit").unwrap(), r#""api-key";r=1;t=60"#);
+    assert_eq!(get(&headers, "x-ratelimit-remaining").unwrap(), "1");
+    assert_eq!(get(&headers, "retry-after"), None);
+
+    clock.set(at(11, 0, 20));
+    limiter.check("key:k1", quota).await;
+    let refused = limiter.check("key:k1", quota).await;
+    let mut headers = HeaderMap::new();
+    refused.write_headers("api-key", &mut headers);
+    // Full until the window ends at 11:01:00; the next one starts with the two still
+    // weighing 2 × (1 − e/60): one fits at e = 30 s.
+    assert_eq!(refused.retry_after, Some(Duration::from_secs(70)));
+    assert_eq!(get(&headers, "retry-after").unwrap(), "70");
+    assert_eq!(get(&headers, "ratelimit").unwrap(), r#""api-key";r=0;t=70"#);
+    assert_eq!(get(&headers, "x-ratelimit-reset").unwrap(), "70");
+}
+
+#[tokio::test]
+async fn limiter_the_local_limiter_decides_exactly_like_redis() {
+    let clock = ManualClock::new(at(13, 0, 0));
+    let shared: Arc<dyn Clock> = Arc::new(clock.clone());
+    let (redis, _) = limiter(
+        settings(Some(redis_url().await), &fresh_prefix()),
+        shared.clone(),
+    )
+    .await;
+    let (local, _) = limiter(settings(None, "unused:"), shared).await;
+    assert!(!local.redis_up());
+    let quotas = [
+        Quota::per_minute(7),
+        Quota::new(3, Duration::from_secs(5)).unwrap(),
+    ];
+    // A fixed pseudo-random walk: bursts, pauses within and across windows, several keys.
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..3_000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let step = match seed % 10 {
+            0..=5 => 0,
+            6..=8 => seed % 2_000_000,
+            _ => seed % 90_000_000,
+        };
+        clock.advance(Duration::from_micros(step));
+        let key = format!("k{}", (seed >> 8) % 3);
+        let quota = quotas[usize::from((seed >> 16).is_multiple_of(2))];
+        let key = format!("{key}:{}", quota.limit);
+        let from_redis = redis.check(&key, quota).await;
+        let from_local = local.check(&key, quota).await;
+        assert_eq!(from_redis.backend, Backend::Redis);
+        assert_eq!(from_local.backend, Backend::Local);
+        assert_eq!(
+            Decision {
+                backend: Backend::Local,
+                ..from_redis
+            },
+            from_local
+        );
+    }
+}
+
+/// A private Redis this test may kill without disturbing the others.
+struct PrivateRedis {
+    port: u16,
+    child: Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server (Debian package redis-server)");
+        let redis = Self { port, child };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private redis-server did not start on port {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test]
+async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_by_itself() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = PrivateRedis::start(port);
+    let clock = ManualClock::new(at(14, 0, 0));
+    let probe_interval = Duration::from_millis(300);
+    let mut replicas = Vec::new();
+    for policy in [
+        RedisDownPolicy::Local,
+        RedisDownPolicy::Open,
+        RedisDownPolicy::Closed,
+    ] {
+        let settings = LimiterSettings {
+            redis_timeout: Duration::from_millis(500),
+            down_policy: policy,
+            probe_interval,
+            ..settings(Some(server.url()), &fresh_prefix())
+        };
+        let (limiter, registry) = limiter(settings, Arc::new(clock.clone())).await;
+        assert!(limiter.redis_up());
+        assert_eq!(
+            metric(&registry, "api_gateway_limiter_redis_up").unwrap(),
+            "1"
+        );
+        replicas.push((policy, limiter, registry));
+    }
+    let quota = Quota::per_minute(3);
+    for (_, limiter, _) in &replicas {
+        assert_eq!(burst(limiter, "user:dave", quota, 2).await, 2);
+    }
+
+    server.kill();
+    for (policy, limiter, registry) in &replicas {
+        let decisions =
+            futures_util::future::join_all((0..5).map(|_| limiter.check("user:dave", quota))).await;
+        let admitted = decisions.iter().filter(|d| d.allowed).count();
+        let backends: Vec<Backend> = decisions.iter().map(|d| d.backend).collect();
+        match policy {
+            // A fresh local count: this replica alone admits the whole quota again.
+            RedisDownPolicy::Local => {
+                assert!(
+                    backends.iter().all(|b| *b == Backend::Local),
+                    "{backends:?}"
+                );
+                assert_eq!(admitted, 3);
+            }
+            RedisDownPolicy::Open => {
+                assert!(backends.iter().all(|b| *b == Backend::Open), "{backends:?}");
+                assert_eq!(admitted, 5);
+            }
+            RedisDownPolicy::Closed => {
+                assert!(
+                    backends.iter().all(|b| *b == Backend::Closed),
+                    "{backends:?}"
+                );
+                assert_eq!(admitted, 0);
+            }
+        }
+        assert!(!limiter.redis_up());
+        assert_eq!(
+            metric(registry, "api_gateway_limiter_redis_up").unwrap(),
+            "0"
+        );
+        let errors: u64 = metric(registry, "api_gateway_limiter_redis_errors_total")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(errors >= 1);
+    }
+    // Once down, a decision does not wait on Redis.
+    let started = Instant::now();
+    replicas[1].1.check("user:erin", quota).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let _server = PrivateRedis::start(port);
+    let restarted = Instant::now();
+    for (_, limiter, registry) in &replicas {
+        while !limiter.redis_up() {
+            assert!(
+                restarted.elapsed() < probe_interval * 2 + Duration::from_secs(1),
+                "Redis not back in use after {:?}",
+                restarted.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            metric(registry, "api_gateway_limiter_redis_up").unwrap(),
+            "1"
+        );
+        // The restarted Redis is empty: the key starts over, counted in Redis again.
+        assert_eq!(burst(limiter, "user:dave", quota, 4).await, 3);
+    }
+    println!(
+        "Redis back in use {:?} after the restart",
+        restarted.elapsed()
+    );
+}
+
+/// The sliding window (production script, through the limiter) and GCRA (its comparison
+/// script) on the same scenarios; the figures in ADR 0006.
+#[tokio::test]
+async fn limiter_adr_0006_figures() {
+    let url = redis_url().await;
+    let prefix = fresh_prefix();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let script = redis::Script::new(gcra::SCRIPT);
+    let clock = ManualClock::new(0);
+    let (limiter, _) = limiter(settings(Some(url), &prefix), Arc::new(clock.clone())).await;
+
+    let mut gcra = async |key: &str, now: u64, quota: Quota, count: u32| -> u32 {
+        let mut admitted = 0;
+        for _ in 0..count {
+            let window = u64::try_from(quota.window.as_micros()).unwrap();
+            let (allowed, ..): (u8, i64, i64, i64) = script
+                .key(format!("{prefix}gcra:{key}"))
+                .arg(now)
+                .arg(window)
+                .arg(quota.limit)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            admitted += u32::from(allowed);
+        }
+        admitted
+    };
+
+    // 100 at 12:00:59 and 100 at 12:01:01 against 100/min.
+    let quota = Quota::per_minute(100);
+    clock.set(at(12, 0, 59));
+    let mut sliding = burst(&limiter, "boundary", quota, 100).await;
+    clock.set(at(12, 1, 1));
+    sliding += burst(&limiter, "boundary", quota, 100).await;
+    let gcra_boundary = gcra("boundary", at(12, 0, 59), quota, 100).await
+        + gcra("boundary", at(12, 1, 1), quota, 100).await;
+
+    // 3,000 requests from one user evenly over 2 s, then over 59 s, against 1,000/min.
+    let quota = Quota::per_minute(1_000);
+    let mut spread = Vec::new();
+    for (span_s, start) in [(2, at(15, 0, 0)), (59, at(16, 0, 0))] {
+        let (mut s, mut g) = (0, 0);
+        for i in 0..3_000u64 {
+            let now = start + i * span_s * SECOND / 3_000;
+            clock.set(now);
+            let key = format!("spread-{span_s}");
+            s += u32::from(limiter.check(&key, quota).await.allowed);
+            g += gcra(&key, now, quota, 1).await;
+        }
+        spread.push((span_s, s, g));
+    }
+
+    let memory = |key: String| {
+        let client = client.clone();
+        async move {
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    let sliding_bytes = memory(format!("{prefix}spread-59")).await;
+    let gcra_bytes = memory(format!("{prefix}gcra:spread-59")).await;
+
+    println!(
+        "boundary (100/min, 100 at :59 + 100 at :01): sliding {sliding}, gcra {gcra_boundary}"
+    );
+    for (span, s, g) in &spread {
+        println!("3,000 over {span} s against 1,000/min: sliding {s}, gcra {g}");
+    }
+    println!("MEMORY USAGE per key: sliding {sliding_bytes} B, gcra {gcra_bytes} B");
+    assert_eq!(sliding, 100);
+    assert_eq!(gcra_boundary, 103);
+    assert_eq!(spread[0].1, 1_000);
+    assert_eq!(spread[1].1, 1_000);
+}
