@@ -25,7 +25,7 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 /// Rows appended per transaction, at most.
 const BATCH: usize = 512;
 /// The advisory lock every writer of the chain takes (an arbitrary constant: "audit").
-const CHAIN_LOCK: i64 = 0x6175_6469_74;
+const CHAIN_LOCK: i64 = 0x0061_7564_6974;
 /// The hash before the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
 
@@ -201,15 +201,30 @@ impl Audit {
 }
 
 impl AuditWriter {
-    /// Appends queued events until every [`Audit`] handle is gone, then returns.
-    pub async fn run(mut self) {
+    /// Appends queued events until `stop` fires (or every [`Audit`] handle is gone), then
+    /// flushes what is queued and returns.
+    pub async fn run(mut self, stop: tokio_util::sync::CancellationToken) {
         let mut batch = Vec::with_capacity(BATCH);
         let mut backoff = Duration::from_millis(100);
+        let mut stopping = false;
         loop {
             if batch.is_empty() {
-                match self.queue.recv().await {
-                    Some(event) => batch.push(event),
-                    None => return,
+                if stopping {
+                    match self.queue.try_recv() {
+                        Ok(event) => batch.push(event),
+                        Err(_) => return,
+                    }
+                } else {
+                    tokio::select! {
+                        event = self.queue.recv() => match event {
+                            Some(event) => batch.push(event),
+                            None => return,
+                        },
+                        () = stop.cancelled() => {
+                            stopping = true;
+                            continue;
+                        }
+                    }
                 }
             }
             while batch.len() < BATCH {
@@ -309,8 +324,9 @@ pub struct ChainReport {
     pub broken: Option<(i64, String)>,
 }
 
-/// Recomputes the whole chain, oldest row first.
-pub async fn verify(pool: &PgPool) -> Result<ChainReport, sqlx::Error> {
+/// Recomputes the whole chain, oldest row first. With `expect_head` (a head printed by an
+/// earlier run), some row must still have that hash: rows cut from the end are found too.
+pub async fn verify(pool: &PgPool, expect_head: Option<&str>) -> Result<ChainReport, sqlx::Error> {
     use futures_util::TryStreamExt;
     let mut rows = sqlx::query(
         "SELECT seq, at, request_id, subject, ip, action, outcome, detail, prev_hash, hash
@@ -320,6 +336,7 @@ pub async fn verify(pool: &PgPool) -> Result<ChainReport, sqlx::Error> {
     let mut expected_seq = 1i64;
     let mut prev = GENESIS.to_vec();
     let mut count = 0u64;
+    let mut head_seen = expect_head.is_none();
     while let Some(row) = rows.try_next().await? {
         let seq: i64 = row.get(0);
         let action: String = row.get(5);
@@ -363,11 +380,19 @@ pub async fn verify(pool: &PgPool) -> Result<ChainReport, sqlx::Error> {
         prev = hash.to_vec();
         expected_seq += 1;
         count += 1;
+        head_seen = head_seen || expect_head == Some(hex(&prev).as_str());
     }
+    let head = hex(&prev);
+    let broken = (!head_seen).then(|| {
+        (
+            expected_seq,
+            "the expected head is not in the chain: rows were removed from its end".to_owned(),
+        )
+    });
     Ok(ChainReport {
         rows: count,
-        head: hex(&prev),
-        broken: None,
+        head,
+        broken,
     })
 }
 

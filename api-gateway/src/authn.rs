@@ -11,6 +11,7 @@
 //! `API_KEY_CACHE_TTL`.
 
 use std::{
+    collections::HashMap,
     hash::BuildHasher,
     sync::Arc,
     time::{Duration, Instant},
@@ -94,11 +95,17 @@ impl AuthnError {
 
 const SHARDS: usize = 16;
 
+/// Token hash → (the token, its claims).
+type TokenShard = HashMap<u64, (Box<str>, Arc<Claims>)>;
+
+/// When a key was found, and the key.
+type FoundKey = (Instant, Arc<ApiKey>);
+
 /// Tokens that verified, until they would stop verifying.
 pub struct TokenCache {
     verifier: Verifier,
     leeway_secs: i64,
-    shards: Box<[Mutex<std::collections::HashMap<u64, (Box<str>, Arc<Claims>)>>]>,
+    shards: Box<[Mutex<TokenShard>]>,
     per_shard: usize,
     hasher: std::hash::RandomState,
 }
@@ -155,7 +162,7 @@ impl TokenCache {
 /// API keys found recently.
 pub struct KeyCache {
     ttl: Duration,
-    entries: Mutex<std::collections::HashMap<[u8; 32], (Instant, Arc<ApiKey>)>>,
+    entries: Mutex<HashMap<[u8; 32], FoundKey>>,
     capacity: usize,
 }
 

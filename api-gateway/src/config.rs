@@ -9,7 +9,10 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::routes::{Mount, QuotaSpec, RouteTable, RuleSpec};
+use crate::{
+    limiter::Quota,
+    routes::{Mount, RouteTable, RuleSpec},
+};
 
 /// The file compiled in as the default.
 pub const DEFAULT: &str = include_str!("../gateway.toml");
@@ -19,11 +22,11 @@ pub const DEFAULT: &str = include_str!("../gateway.toml");
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Per user (access token `sub`), on every proxied route without a quota of its own.
-    pub user: QuotaSpec,
+    pub user: Quota,
     /// Per API key, unless the key has its own.
-    pub api_key: QuotaSpec,
+    pub api_key: Quota,
     /// Per client IP on `/auth/*`: brute-force protection for login and refresh.
-    pub auth_ip: QuotaSpec,
+    pub auth_ip: Quota,
 }
 
 /// One upstream as the file states it: its mount and its proxy settings.

@@ -18,6 +18,8 @@
 use axum::http::Method;
 use serde::Deserialize;
 
+use crate::limiter::Quota;
+
 /// Why a path was refused before any matching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -131,24 +133,6 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// How many requests a caller may send in a window, as the route table states it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct QuotaSpec {
-    /// Requests per window.
-    pub limit: u32,
-    /// The window, e.g. `"1m"`.
-    #[serde(deserialize_with = "duration")]
-    pub window: std::time::Duration,
-}
-
-/// Deserializes a duration written like `"1m"` or `"250ms"`.
-pub fn duration<'de, D: serde::Deserializer<'de>>(
-    deserializer: D,
-) -> Result<std::time::Duration, D::Error> {
-    let text = String::deserialize(deserializer)?;
-    common::config::parse_duration(&text).map_err(serde::de::Error::custom)
-}
-
 /// One RBAC rule, as written in the gateway's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,7 +146,7 @@ pub struct RuleSpec {
     pub roles: Vec<String>,
     /// A quota of its own for this route instead of the caller's default.
     #[serde(default)]
-    pub limit: Option<QuotaSpec>,
+    pub limit: Option<Quota>,
 }
 
 /// A rule ready for matching.
@@ -174,7 +158,7 @@ pub struct Rule {
     prefix: String,
     roles: Vec<String>,
     /// The route's own quota, if it has one.
-    pub limit: Option<QuotaSpec>,
+    pub limit: Option<Quota>,
 }
 
 impl Rule {
@@ -233,9 +217,6 @@ pub enum TableError {
     /// A rule that nobody could satisfy.
     #[error("rule for {0:?} lists no roles (use \"*\" for any authenticated caller)")]
     NoRoles(String),
-    /// A zero quota.
-    #[error("rule for {0:?} has a zero limit or window")]
-    ZeroQuota(String),
 }
 
 impl RouteTable {
@@ -252,12 +233,6 @@ impl RouteTable {
             check_prefix(&spec.prefix)?;
             if spec.roles.is_empty() {
                 return Err(TableError::NoRoles(spec.prefix));
-            }
-            if spec
-                .limit
-                .is_some_and(|q| q.limit == 0 || q.window.is_zero())
-            {
-                return Err(TableError::ZeroQuota(spec.prefix));
             }
             let methods = spec
                 .methods
@@ -292,7 +267,7 @@ impl RouteTable {
                 .cmp(&a.prefix.len())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        mounts.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.prefix.len()));
         Ok(Self {
             rules: built,
             mounts,

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use common::{config::parse_duration, telemetry::TelemetrySettings};
 
-use crate::tokens::TokenIssuer;
+use crate::{limiter::RedisDownPolicy, tokens::TokenIssuer};
 
 /// Settings of the api-gateway.
 #[derive(Debug, Clone, Parser)]
@@ -25,6 +25,41 @@ pub struct Settings {
     /// PostgreSQL: users, refresh tokens.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+    /// Redis, shared by every replica for rate limits. Without it each replica limits alone.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// The route file: quotas, upstreams, RBAC rules (see `gateway.toml`). Default: the
+    /// compiled-in `gateway.toml`.
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub gateway_config: Option<PathBuf>,
+    /// Prefix of the limiter's Redis keys.
+    #[arg(long, env = "RATE_LIMIT_PREFIX", default_value = "gw:rl:")]
+    pub rate_limit_prefix: String,
+    /// How long one limiter decision may wait for Redis before the fallback decides.
+    #[arg(long, env = "RATE_LIMIT_REDIS_TIMEOUT", default_value = "100ms", value_parser = parse_duration)]
+    pub rate_limit_redis_timeout: Duration,
+    /// What decides while Redis is unreachable: `local` (each replica enforces the quotas
+    /// alone), `open` (admit everything), `closed` (refuse with 503).
+    #[arg(
+        long,
+        env = "RATE_LIMIT_REDIS_DOWN",
+        value_enum,
+        default_value = "local"
+    )]
+    pub rate_limit_redis_down: RedisDownPolicy,
+    /// While Redis is down, how often one request tries it again.
+    #[arg(long, env = "RATE_LIMIT_PROBE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub rate_limit_probe_interval: Duration,
+    /// Browser origins allowed to call the gateway (CORS), comma-separated; none by default.
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
+    /// Verified access tokens remembered, so a signature is checked once per token.
+    #[arg(long, env = "TOKEN_CACHE_SIZE", default_value_t = 65_536)]
+    pub token_cache_size: usize,
+    /// How long a found API key is trusted before it is looked up again (a revocation on
+    /// another replica takes this long to apply here).
+    #[arg(long, env = "API_KEY_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub api_key_cache_ttl: Duration,
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: u32,
@@ -64,6 +99,9 @@ pub struct Settings {
     /// Largest request body the gateway itself reads.
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
     pub max_body_bytes: usize,
+    /// Largest request head (request line and headers); larger ones get 431.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
+    pub max_header_bytes: usize,
     /// Longest a request may run.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -111,8 +149,9 @@ impl Settings {
         }
     }
 
-    /// Defaults on port 0 for both listeners, `database_url`, and the Ed25519 test key of
-    /// `common/tests/fixtures` under kid `test`; for tests and the load test.
+    /// Defaults on port 0 for both listeners, `database_url`, the Ed25519 test key of
+    /// `common/tests/fixtures` under kid `test`, no Redis, and a limiter key prefix of its
+    /// own; for tests and the load test.
     pub fn for_tests(database_url: &str) -> Self {
         let mut settings = Self::parse_from([
             "api-gateway",
@@ -135,6 +174,10 @@ impl Settings {
         settings.jwt_hs256_secret = None;
         settings.bootstrap_admin_username = None;
         settings.bootstrap_admin_password = None;
+        settings.redis_url = None;
+        settings.gateway_config = None;
+        settings.cors_allowed_origins = Vec::new();
+        settings.rate_limit_prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
         settings
     }
 }

@@ -1,14 +1,26 @@
-//! Building and running the gateway: connect, bootstrap, bind both listeners, serve, stop.
+//! Building and running the gateway: read the route file, connect PostgreSQL and Redis,
+//! bootstrap, bind both listeners, serve, stop (drain, close tunnels, flush the audit queue).
 
-use std::{future::Future, sync::atomic::Ordering};
+use std::{
+    future::Future,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use anyhow::Context;
 use common::http::ServeSettings;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    http::{AppState, AuthSettings, admin_router, router},
+    audit::{Audit, AuditWriter},
+    authn::{KeyCache, TokenCache},
+    config::GatewayConfig,
+    http::{AppState, AuthSettings, Parts, admin_router, router},
+    limiter::{Limiter, LimiterSettings, SystemClock},
     passwords,
+    proxy::{Proxy, UpstreamSettings},
     settings::Settings,
     store::Store,
 };
@@ -19,12 +31,32 @@ pub struct Application {
     admin_listener: TcpListener,
     state: AppState,
     settings: Settings,
+    proxy: Proxy,
+    audit_writer: AuditWriter,
 }
 
 impl Application {
-    /// Connects PostgreSQL (running migrations), creates the bootstrap admin, binds.
+    /// Reads `GATEWAY_CONFIG` (or the compiled-in route file), then [`Self::build_with`].
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let config = GatewayConfig::load(settings.gateway_config.as_deref())?;
+        Self::build_with(settings, config).await
+    }
+
+    /// Connects PostgreSQL (running migrations) and Redis, creates the bootstrap admin, binds.
+    pub async fn build_with(settings: Settings, config: GatewayConfig) -> anyhow::Result<Self> {
         let issuer = settings.issuer()?;
+        let table = config.table()?;
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut table = u.proxy.clone();
+                table.insert("name".into(), toml::Value::String(u.name.clone()));
+                toml::Value::Table(table)
+                    .try_into::<UpstreamSettings>()
+                    .with_context(|| format!("upstream {}", u.name))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let store = Store::connect(&settings.database_url, settings.database_pool_size).await?;
         if let (Some(username), Some(password)) = (
             &settings.bootstrap_admin_username,
@@ -45,21 +77,50 @@ impl Application {
         let admin_listener = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("failed to bind {}", settings.admin_listen))?;
-        let state = AppState::new(
-            store,
-            issuer,
-            AuthSettings {
-                refresh_token_ttl: settings.refresh_token_ttl,
-                refresh_race_grace: settings.refresh_race_grace,
-                max_body_bytes: settings.max_body_bytes,
-                request_timeout: settings.request_timeout,
+        let mut registry = Registry::with_prefix("api_gateway");
+        let limiter = Limiter::new(
+            LimiterSettings {
+                redis_url: settings.redis_url.clone(),
+                key_prefix: settings.rate_limit_prefix.clone(),
+                redis_timeout: settings.rate_limit_redis_timeout,
+                down_policy: settings.rate_limit_redis_down,
+                probe_interval: settings.rate_limit_probe_interval,
             },
+            Arc::new(SystemClock),
+            &mut registry,
+        )
+        .await?;
+        let proxy = Proxy::new(upstreams, &mut registry)?;
+        let (audit, audit_writer) = Audit::new(store.pool().clone(), &mut registry);
+        let verifier = issuer.verifier()?;
+        let state = AppState::new(
+            Parts {
+                tokens: TokenCache::new(verifier, 30, settings.token_cache_size),
+                keys: KeyCache::new(settings.api_key_cache_ttl, 100_000),
+                store,
+                issuer,
+                table,
+                limits: config.limits,
+                limiter,
+                proxy: proxy.clone(),
+                audit,
+                settings: AuthSettings {
+                    refresh_token_ttl: settings.refresh_token_ttl,
+                    refresh_race_grace: settings.refresh_race_grace,
+                    max_body_bytes: settings.max_body_bytes,
+                    request_timeout: settings.request_timeout,
+                    cors_allowed_origins: settings.cors_allowed_origins.clone(),
+                },
+            },
+            registry,
         );
         Ok(Self {
             listener,
             admin_listener,
             state,
             settings,
+            proxy,
+            audit_writer,
         })
     }
 
@@ -87,7 +148,12 @@ impl Application {
         let serve_settings = ServeSettings {
             grace: self.settings.shutdown_grace,
             header_read_timeout: self.settings.header_read_timeout,
+            max_header_bytes: Some(self.settings.max_header_bytes),
         };
+        let stop_proxy = CancellationToken::new();
+        let proxy_tasks = self.proxy.start(stop_proxy.clone());
+        let stop_audit = CancellationToken::new();
+        let audit_writer = tokio::spawn(self.audit_writer.run(stop_audit.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ready = self.state.readiness();
         let admin = {
@@ -101,10 +167,15 @@ impl Application {
                 serve_settings,
             ))
         };
-        let shutdown = async move {
-            shutdown.await;
-            ready.store(false, Ordering::Release);
-            let _ = stop_tx.send(true);
+        let shutdown = {
+            let stop_proxy = stop_proxy.clone();
+            async move {
+                shutdown.await;
+                ready.store(false, Ordering::Release);
+                let _ = stop_tx.send(true);
+                // WebSocket tunnels never finish by themselves: close them so the drain can.
+                stop_proxy.cancel();
+            }
         };
         let drained =
             common::http::serve(self.listener, router(self.state), shutdown, serve_settings)
@@ -112,6 +183,16 @@ impl Application {
                 .context("server failed")?;
         let _ = admin.await;
         drop(stop_rx);
+        stop_proxy.cancel();
+        let _ = proxy_tasks.await;
+        // No request is left to record anything: the writer flushes what is queued and ends.
+        stop_audit.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::error!("audit events still queued at exit: PostgreSQL is not taking them");
+        }
         if drained {
             tracing::info!("stopped cleanly");
         }

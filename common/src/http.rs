@@ -152,6 +152,9 @@ pub struct ServeSettings {
     /// nothing, or dribbles header bytes (slowloris), holds a connection and a file
     /// descriptor for ever.
     pub header_read_timeout: Duration,
+    /// The largest request head (request line and headers) accepted; a larger one is answered
+    /// 431 and the connection closed. `None`: hyper's buffer limit (about 400 KiB).
+    pub max_header_bytes: Option<usize>,
 }
 
 /// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes, then stops
@@ -173,6 +176,9 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout);
+    if let Some(bytes) = settings.max_header_bytes {
+        builder.max_header_size(bytes);
+    }
     // Dropping `stop_tx` tells every connection to finish its request and close; each
     // connection holds a `done_rx`, so `done_tx.closed()` completes when the last one ends.
     let (stop_tx, stop_rx) = watch::channel(());

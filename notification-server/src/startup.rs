@@ -143,6 +143,7 @@ impl Application {
         let serve_settings = ServeSettings {
             grace,
             header_read_timeout: self.settings.header_read_timeout,
+            max_header_bytes: None,
         };
         let drained =
             common::http::serve(self.listener, router(self.state), shutdown, serve_settings)

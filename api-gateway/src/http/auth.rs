@@ -1,10 +1,13 @@
 //! `/auth/login`, `/auth/refresh`, `/auth/logout`.
 
+use std::net::SocketAddr;
+
 use axum::{
     Json,
     body::Bytes,
-    extract::{State, rejection::BytesRejection},
+    extract::{ConnectInfo, Request, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use common::{http::json_object, problem::Problem};
@@ -12,6 +15,7 @@ use serde_json::{Map, Value, json};
 
 use super::{AppState, Outcome};
 use crate::{
+    audit::Event,
     passwords,
     store::{Rotation, StoreError, User},
     tokens::{hash_refresh_token, new_refresh_token},
@@ -23,6 +27,7 @@ pub const MAX_USERNAME_CHARS: usize = 64;
 /// `POST /auth/login`: `{"username", "password"}` → a token pair.
 pub async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -58,7 +63,11 @@ pub async fn login(
     .map_err(|_| Problem::internal())?;
     let Some(user) = user.filter(|_| valid) else {
         count(&state.metrics.logins, "invalid_credentials");
-        tracing::info!(action = "login", outcome = "failure", "login refused");
+        state.audit.record(
+            Event::new("login", "failure")
+                .ip(Some(peer.ip()))
+                .detail(format!("user name {username:?}")),
+        );
         return Err(invalid_credentials());
     };
     let (refresh, hash) = new_refresh_token();
@@ -69,19 +78,25 @@ pub async fn login(
         .await
         .map_err(store_problem)?;
     count(&state.metrics.logins, "success");
-    tracing::info!(action = "login", outcome = "success", subject = %user.id, "logged in");
+    state.audit.record(
+        Event::new("login", "success")
+            .subject(user.id.to_string())
+            .ip(Some(peer.ip())),
+    );
     token_pair(&state, &user, refresh)
 }
 
 /// `POST /auth/refresh`: `{"refresh_token"}` → a new pair; the presented token is spent.
 pub async fn refresh(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let mut object = json_object(&headers, body)?;
     let presented = take_string(&mut object, "refresh_token", 256)?;
     no_more_fields(&object)?;
+    let ip = Some(peer.ip());
     let (next, next_hash) = new_refresh_token();
     let rotation = state
         .store
@@ -96,11 +111,17 @@ pub async fn refresh(
     match rotation {
         Rotation::Rotated { user, family_id } => {
             count(&state.metrics.refreshes, "success");
-            tracing::info!(action = "refresh", outcome = "success", subject = %user.id, family = %family_id, "rotated");
+            state.audit.record(
+                Event::new("refresh", "success")
+                    .subject(user.id.to_string())
+                    .ip(ip)
+                    .detail(format!("family {family_id}")),
+            );
             token_pair(&state, &user, next)
         }
         Rotation::Raced => {
             count(&state.metrics.refreshes, "raced");
+            state.audit.record(Event::new("refresh", "raced").ip(ip));
             Err(Problem::new(
                 StatusCode::CONFLICT,
                 "refresh-raced",
@@ -111,16 +132,21 @@ pub async fn refresh(
         Rotation::Reused { user_id, family_id } => {
             count(&state.metrics.refreshes, "reuse_detected");
             tracing::warn!(
-                action = "refresh",
-                outcome = "reuse_detected",
                 subject = %user_id,
                 family = %family_id,
                 "a spent refresh token was presented again; its family is revoked"
+            );
+            state.audit.record(
+                Event::new("refresh", "reuse_detected")
+                    .subject(user_id.to_string())
+                    .ip(ip)
+                    .detail(format!("family {family_id} revoked")),
             );
             Err(invalid_refresh())
         }
         Rotation::Invalid => {
             count(&state.metrics.refreshes, "invalid");
+            state.audit.record(Event::new("refresh", "failure").ip(ip));
             Err(invalid_refresh())
         }
     }
@@ -129,6 +155,7 @@ pub async fn refresh(
 /// `POST /auth/logout`: `{"refresh_token"}` → 204; the token's family is revoked.
 pub async fn logout(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, Problem> {
@@ -141,11 +168,32 @@ pub async fn logout(
         .await
         .map_err(store_problem)?;
     state.metrics.logouts.inc();
-    if let Some((user_id, family_id)) = revoked {
-        tracing::info!(action = "logout", outcome = "success", subject = %user_id, family = %family_id, "logged out");
-    }
+    let event = match revoked {
+        Some((user_id, family_id)) => Event::new("logout", "success")
+            .subject(user_id.to_string())
+            .detail(format!("family {family_id}")),
+        None => Event::new("logout", "unknown_token"),
+    };
+    state.audit.record(event.ip(Some(peer.ip())));
     // The same answer for an unknown token: logout reveals nothing about which tokens exist.
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The per-IP quota on `/auth/*`, against password guessing and token stuffing.
+pub async fn limit_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let ip = super::gateway::client_ip(&request);
+    let key = match ip {
+        Some(ip) => format!("ip:{ip}"),
+        None => "ip:unknown".to_owned(),
+    };
+    let decision = state.limiter.check(&key, state.limits.auth_ip).await;
+    let what = request.uri().path().to_owned();
+    if let Some(refused) = state.refuse_over_limit(&decision, None, ip, "auth-ip", &what) {
+        return refused;
+    }
+    let mut response = next.run(request).await;
+    decision.write_headers("auth-ip", response.headers_mut());
+    response
 }
 
 fn token_pair(state: &AppState, user: &User, refresh: String) -> Result<Response, Problem> {

@@ -6,10 +6,18 @@
 //! | `POST /auth/refresh` | rotate: spend the refresh token, get a new pair |
 //! | `POST /auth/logout` | revoke the refresh token's family |
 //! | `GET /.well-known/jwks.json` | the public signing keys |
+//! | `POST`, `GET /admin/api-keys`, `DELETE /admin/api-keys/{id}` | API keys (admins) |
+//! | `/api/*` | authenticate, authorise, rate-limit, forward to the upstream mounted there |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | admin: `GET /metrics` | Prometheus |
+//!
+//! Around every route, outermost first: the request context (id, span, access log), security
+//! headers, CORS, and path normalisation, which runs before routing so that `/api/x/../y`
+//! is routed, authorised and forwarded as `/api/y`.
 
 mod auth;
+pub mod gateway;
+mod keys;
 
 use std::sync::{
     Arc,
@@ -19,10 +27,10 @@ use std::sync::{
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, State},
-    http::{HeaderValue, header},
+    http::{HeaderName, HeaderValue, Method, Uri, header},
     middleware::{from_fn, from_fn_with_state},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{any, delete, get, post},
 };
 use common::{
     http::{request_context, time_limit},
@@ -35,7 +43,19 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{store::Store, tokens::TokenIssuer};
+use tower::util::option_layer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    audit::Audit,
+    authn::{KeyCache, TokenCache},
+    config::Limits,
+    limiter::Limiter,
+    proxy::Proxy,
+    routes::{self, RouteTable},
+    store::Store,
+    tokens::TokenIssuer,
+};
 
 /// A bounded label value.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,12 +64,20 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// A refusal's kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// `unauthenticated`, `forbidden`, `rate_limited`, `bad_path`.
+    pub reason: &'static str,
+}
+
 /// The gateway's own metrics.
 #[derive(Clone, Default)]
 pub struct AuthMetrics {
     logins: Family<Outcome, Counter>,
     refreshes: Family<Outcome, Counter>,
     logouts: Counter,
+    refusals: Family<Reason, Counter>,
 }
 
 impl AuthMetrics {
@@ -66,7 +94,17 @@ impl AuthMetrics {
             metrics.refreshes.clone(),
         );
         registry.register("logouts", "Logouts", metrics.logouts.clone());
+        registry.register(
+            "refusals",
+            "Requests the gateway refused itself, by reason",
+            metrics.refusals.clone(),
+        );
         metrics
+    }
+
+    /// Counts one refusal.
+    pub fn count_refusal(&self, reason: &'static str) {
+        self.refusals.get_or_create(&Reason { reason }).inc();
     }
 }
 
@@ -81,6 +119,32 @@ pub struct AuthSettings {
     pub max_body_bytes: usize,
     /// Longest a request may run.
     pub request_timeout: std::time::Duration,
+    /// Origins allowed to call from a browser (CORS); empty: none.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+/// Everything the handlers share; the parts are built by `startup`.
+pub struct Parts {
+    /// Users, refresh tokens, API keys.
+    pub store: Store,
+    /// Signs access tokens.
+    pub issuer: TokenIssuer,
+    /// Verifies them (cached).
+    pub tokens: TokenCache,
+    /// Finds API keys (cached).
+    pub keys: KeyCache,
+    /// Route table.
+    pub table: RouteTable,
+    /// Default quotas.
+    pub limits: Limits,
+    /// The distributed limiter.
+    pub limiter: Limiter,
+    /// Upstreams.
+    pub proxy: Proxy,
+    /// The audit trail.
+    pub audit: Audit,
+    /// Handler settings.
+    pub settings: AuthSettings,
 }
 
 /// Shared state of every handler.
@@ -88,6 +152,13 @@ pub struct AuthSettings {
 pub struct AppState {
     store: Store,
     issuer: Arc<TokenIssuer>,
+    tokens: Arc<TokenCache>,
+    keys: Arc<KeyCache>,
+    table: Arc<RouteTable>,
+    limits: Limits,
+    limiter: Limiter,
+    proxy: Proxy,
+    audit: Audit,
     settings: Arc<AuthSettings>,
     metrics: AuthMetrics,
     http_metrics: HttpMetrics,
@@ -96,15 +167,22 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State over `store`, signing with `issuer`.
-    pub fn new(store: Store, issuer: TokenIssuer, settings: AuthSettings) -> Self {
-        let mut registry = Registry::with_prefix("api_gateway");
+    /// State over `parts`; `registry` already holds the limiter's, proxy's and audit's
+    /// metrics, and gets the HTTP and auth ones here.
+    pub fn new(parts: Parts, mut registry: Registry) -> Self {
         let metrics = AuthMetrics::register(&mut registry);
         let http_metrics = HttpMetrics::register(&mut registry);
         Self {
-            store,
-            issuer: Arc::new(issuer),
-            settings: Arc::new(settings),
+            store: parts.store,
+            issuer: Arc::new(parts.issuer),
+            tokens: Arc::new(parts.tokens),
+            keys: Arc::new(parts.keys),
+            table: Arc::new(parts.table),
+            limits: parts.limits,
+            limiter: parts.limiter,
+            proxy: parts.proxy,
+            audit: parts.audit,
+            settings: Arc::new(parts.settings),
             metrics,
             http_metrics,
             registry: Arc::new(registry),
@@ -121,21 +199,108 @@ impl AppState {
 /// The public router.
 pub fn router(state: AppState) -> Router {
     let settings = Arc::clone(&state.settings);
-    Router::new()
+    let auth_routes = Router::new()
         .route("/auth/login", post(auth::login))
         .route("/auth/refresh", post(auth::refresh))
         .route("/auth/logout", post(auth::logout))
+        .route_layer(from_fn_with_state(state.clone(), auth::limit_by_ip));
+    // The gateway's own endpoints: bounded bodies and run time.
+    let own = Router::new()
+        .merge(auth_routes)
+        .route("/admin/api-keys", post(keys::create).get(keys::list))
+        .route("/admin/api-keys/{id}", delete(keys::revoke))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
-        .route_layer(from_fn_with_state(settings.request_timeout, time_limit))
+        .route_layer(from_fn_with_state(settings.request_timeout, time_limit));
+    // The proxied space: the proxy applies each upstream's body limit and timeouts itself.
+    let routes = Router::new()
+        .merge(own)
+        .route("/api/{*rest}", any(gateway::forward))
         .route_layer(from_fn_with_state(state.http_metrics.clone(), track_http))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
-        .with_state(state)
+        .with_state(state.clone());
+    // Normalisation must run before the inner router matches, hence the nesting.
+    Router::new()
+        .fallback_service(routes)
+        .layer(from_fn_with_state(state, normalize_path))
+        .layer(option_layer(cors(&settings.cors_allowed_origins)))
         .layer(from_fn(security_headers))
         .layer(from_fn(request_context))
+}
+
+/// Rewrites the request's path to its normal form, or refuses it (400).
+async fn normalize_path(
+    State(state): State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let uri = request.uri();
+    let normalized = match routes::normalize(uri.path()) {
+        Ok(path) => path,
+        Err(error) => {
+            state.metrics.count_refusal("bad_path");
+            return Problem::malformed(format!("{error}")).into_response();
+        }
+    };
+    if normalized != uri.path() {
+        let path_and_query = match uri.query() {
+            Some(query) => format!("{normalized}?{query}"),
+            None => normalized,
+        };
+        match path_and_query.parse() {
+            Ok(path_and_query) => {
+                let mut parts = uri.clone().into_parts();
+                parts.path_and_query = Some(path_and_query);
+                if let Ok(uri) = Uri::from_parts(parts) {
+                    *request.uri_mut() = uri;
+                }
+            }
+            Err(_) => return Problem::malformed("the path is malformed").into_response(),
+        }
+    }
+    next.run(request).await
+}
+
+/// CORS for the configured origins only; without any, no CORS layer at all (so `OPTIONS`
+/// goes through the pipeline like any other method).
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-api-key"),
+            HeaderName::from_static("x-request-id"),
+            HeaderName::from_static("traceparent"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("ratelimit"),
+            HeaderName::from_static("ratelimit-policy"),
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderName::from_static("x-ratelimit-reset"),
+            header::RETRY_AFTER,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(std::time::Duration::from_secs(600));
+    Some(layer)
 }
 
 /// The admin router: metrics and health, on `ADMIN_LISTEN_ADDR` only.
@@ -153,6 +318,7 @@ async fn security_headers(
     next: axum::middleware::Next,
 ) -> Response {
     let mut response = next.run(request).await;
+    let proxied = response.extensions().get::<gateway::Proxied>().is_some();
     let headers = response.headers_mut();
     headers.insert(
         header::STRICT_TRANSPORT_SECURITY,
@@ -162,14 +328,16 @@ async fn security_headers(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
-    );
+    headers
+        .entry(header::REFERRER_POLICY)
+        .or_insert(HeaderValue::from_static("no-referrer"));
+    // The gateway's own answers are JSON and never render; an upstream's page keeps its policy.
+    if !proxied {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        );
+    }
     response
 }
 
@@ -194,7 +362,20 @@ async fn readyz(State(state): State<AppState>) -> Response {
         tracing::warn!(%error, "readiness: PostgreSQL unreachable");
         return Problem::unavailable("PostgreSQL is unreachable", 1).into_response();
     }
-    Json(serde_json::json!({ "status": "ready" })).into_response()
+    // Redis and upstreams are reported, not required: the limiter has its fallback policy,
+    // and one upstream being down must not take the gateway out of rotation for the others.
+    let upstreams: serde_json::Map<String, serde_json::Value> = state
+        .table
+        .mounts()
+        .iter()
+        .map(|m| (m.name.clone(), state.proxy.available(&m.name).into()))
+        .collect();
+    Json(serde_json::json!({
+        "status": "ready",
+        "redis": state.limiter.redis_up(),
+        "upstreams": upstreams,
+    }))
+    .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

@@ -206,7 +206,7 @@ async fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
 
 #[tokio::test]
 async fn a_spent_token_replayed_after_the_grace_period_is_theft_even_if_unused_since() {
-    let app = spawn_app_with(|s| s.refresh_race_grace = Duration::from_millis(200)).await;
+    let app = spawn_app_with(|s, _| s.refresh_race_grace = Duration::from_millis(200)).await;
     app.add_user("ann", "correct horse battery", &[]).await;
     let pair = app.login_ok("ann", "correct horse battery").await;
     let r1 = pair["refresh_token"].as_str().unwrap().to_owned();
@@ -248,7 +248,7 @@ async fn logout_revokes_the_family_and_unknown_tokens_are_refused() {
 
 #[tokio::test]
 async fn an_expired_refresh_token_is_refused() {
-    let app = spawn_app_with(|s| s.refresh_token_ttl = Duration::from_secs(1)).await;
+    let app = spawn_app_with(|s, _| s.refresh_token_ttl = Duration::from_secs(1)).await;
     app.add_user("ann", "correct horse battery", &[]).await;
     let pair = app.login_ok("ann", "correct horse battery").await;
     tokio::time::sleep(Duration::from_millis(1_300)).await;

@@ -1,6 +1,16 @@
 //! Spawning the gateway on a fresh database, and a client for it.
 
-use api_gateway::{passwords, settings::Settings, startup::Application, store::Store};
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use api_gateway::{
+    config::GatewayConfig, passwords, settings::Settings, startup::Application, store::Store,
+};
+use axum::{
+    Json, Router,
+    extract::{ConnectInfo, Request},
+    routing::any,
+};
+use common::auth::{Claims, Signer};
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
@@ -30,34 +40,158 @@ pub async fn fresh_database() -> String {
     format!("{base}/{name}")
 }
 
+pub fn test_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Fails the test with instructions when Redis is not there.
+pub async fn require_redis() {
+    let url = test_redis_url();
+    let reachable = async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .ok()
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(3), reachable)
+        .await
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        panic!(
+            "Redis is not reachable at {url}. Start it with `redis-server --daemonize yes`, \
+             or point TEST_REDIS_URL at a running server (scripts/test does both)."
+        );
+    }
+}
+
 pub struct TestApp {
     pub address: String,
     pub admin_address: String,
     pub database_url: String,
     pub client: reqwest::Client,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub stopped: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
+    spawn_app_with(|_, _| {}).await
 }
 
-pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+/// A gateway on a fresh database, with Redis, every upstream mounted on one echo server;
+/// `configure` may change the settings and the route file first.
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings, &mut GatewayConfig)) -> TestApp {
+    require_redis().await;
     let database_url = fresh_database().await;
+    let upstream = spawn_echo_upstream().await;
     let mut settings = Settings::for_tests(&database_url);
-    configure(&mut settings);
-    let application = Application::build(settings).await.expect("failed to build");
+    settings.redis_url = Some(test_redis_url());
+    let mut config = GatewayConfig::parse(api_gateway::config::DEFAULT).unwrap();
+    for name in ["metrics", "notifications", "orders", "analytics"] {
+        config
+            .set_targets(name, std::slice::from_ref(&upstream))
+            .unwrap();
+    }
+    configure(&mut settings, &mut config);
+    let application = Application::build_with(settings, config)
+        .await
+        .expect("failed to build");
     let address = format!("http://127.0.0.1:{}", application.port());
     let admin_address = format!("http://127.0.0.1:{}", application.admin_port());
-    tokio::spawn(application.run_until_stopped(std::future::pending()));
+    let (stop, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopped = tokio::spawn(application.run_until_stopped(async move {
+        let _ = stopped_rx.await;
+    }));
     TestApp {
         address,
         admin_address,
         database_url,
         client: reqwest::Client::new(),
+        stop,
+        stopped,
     }
 }
 
+/// An upstream answering every request with what it received: method, path and query,
+/// headers (repeated ones joined with `, `), and the peer.
+pub async fn spawn_echo_upstream() -> String {
+    async fn echo(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Json<Value> {
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, value) in request.headers() {
+            headers
+                .entry(name.as_str().to_owned())
+                .or_default()
+                .push(value.to_str().unwrap_or("<binary>").to_owned());
+        }
+        Json(json!({
+            "method": request.method().as_str(),
+            "path": request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            "headers": headers,
+            "peer": peer.to_string(),
+        }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let router = Router::new()
+        .route("/", any(echo))
+        .route("/{*rest}", any(echo));
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    address
+}
+
+/// An access token signed with the fixture key the test gateway trusts.
+pub fn token_for(sub: &str, roles: &[&str]) -> String {
+    token_with(sub, roles, |_| {})
+}
+
+/// A token whose claims `change` may alter first.
+pub fn token_with(sub: &str, roles: &[&str], change: impl FnOnce(&mut Claims)) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = Claims {
+        sub: sub.into(),
+        roles: roles.iter().map(|r| r.to_string()).collect(),
+        groups: vec![],
+        iss: "api-gateway".into(),
+        aud: "backend-suite".into(),
+        exp: now + 600,
+        iat: now,
+        nbf: None,
+        jti: Uuid::now_v7().to_string(),
+    };
+    change(&mut claims);
+    let pem = include_bytes!("../../../common/tests/fixtures/ed25519-private.pem");
+    Signer::ed25519_pem("test", pem)
+        .unwrap()
+        .sign(&claims)
+        .unwrap()
+}
+
 impl TestApp {
+    /// `GET path` with `Authorization: Bearer token`.
+    pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the gateway and waits for it to finish (audit flushed).
+    pub async fn shut_down(self) {
+        let _ = self.stop.send(());
+        self.stopped.await.unwrap().unwrap();
+    }
+
     /// Creates a user directly in the store.
     pub async fn add_user(&self, username: &str, password: &str, roles: &[&str]) {
         let store = Store::connect(&self.database_url, 1).await.unwrap();

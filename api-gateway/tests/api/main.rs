@@ -2,6 +2,8 @@
 //! per test), a real Redis (a key prefix per test) and real upstream servers.
 
 mod auth;
+mod gateway;
 mod helpers;
+mod keys;
 mod limiter;
 mod proxy;

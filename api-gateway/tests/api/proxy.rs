@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 const SERVE: ServeSettings = ServeSettings {
     grace: Duration::from_secs(1),
     header_read_timeout: Duration::from_secs(10),
+    max_header_bytes: None,
 };
 
 // ---------------------------------------------------------------------------------------

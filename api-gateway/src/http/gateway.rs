@@ -1,0 +1,304 @@
+//! `/api/*`: authenticate, authorise, rate-limit, forward.
+//!
+//! The path was normalised before routing ([`super::normalize_path`]), so the rule matched
+//! here and the path the upstream receives are the same string. Each refusal is audited.
+
+use std::net::IpAddr;
+
+use axum::{
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use common::problem::Problem;
+
+use super::AppState;
+use crate::{
+    audit::Event,
+    authn::{AuthnError, Principal},
+    limiter::{Backend, Decision, Quota},
+    proxy::Identity,
+};
+
+/// Marks a response that came from an upstream, so gateway-only headers (CSP) leave it be.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxied;
+
+/// Every proxied request.
+pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
+    let ip = client_ip(&request);
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let what = || format!("{method} {path}");
+
+    let principal = match state
+        .authenticate(request.headers(), request.uri().query())
+        .await
+    {
+        Ok(principal) => principal,
+        Err(Refusal::Unauthenticated(error)) => {
+            state
+                .audit
+                .record(Event::new("authenticate", "failure").ip(ip).detail(format!(
+                    "{}: {}",
+                    error.reason(),
+                    what()
+                )));
+            state.metrics.count_refusal("unauthenticated");
+            return unauthenticated(&error);
+        }
+        Err(Refusal::Unavailable) => {
+            return Problem::unavailable("credentials cannot be checked right now", 1)
+                .into_response();
+        }
+    };
+
+    let Some(rule) = state.table.rule(&method, &path) else {
+        return forbidden(&state, &principal, ip, format!("no rule: {}", what()));
+    };
+    if !rule.allows(principal.roles()) {
+        return forbidden(&state, &principal, ip, format!("{}: {}", rule.name, what()));
+    }
+    let Some(target) = state.table.target(&path) else {
+        return Problem::not_found().into_response();
+    };
+
+    let (key, quota, policy) = state.quota_for(&principal, rule);
+    let decision = state.limiter.check(&key, quota).await;
+    if let Some(refused) = state.refuse_over_limit(&decision, Some(&principal), ip, policy, &what())
+    {
+        return refused;
+    }
+
+    let upstream_path = match request.uri().query() {
+        Some(query) => format!("{}?{query}", target.path),
+        None => target.path.to_owned(),
+    };
+    let identity = Identity {
+        subject: principal.user_id(),
+        roles: principal.roles().to_vec(),
+    };
+    let upstream = target.upstream.to_owned();
+    let mut response = state
+        .proxy
+        .forward(&upstream, &upstream_path, request, &identity)
+        .await;
+    decision.write_headers(policy, response.headers_mut());
+    response.extensions_mut().insert(Proxied);
+    response
+}
+
+/// Why a request is not authenticated, as the pipeline sees it.
+pub enum Refusal {
+    /// Bad or missing credentials: 401.
+    Unauthenticated(AuthnError),
+    /// The key store cannot be asked: 503.
+    Unavailable,
+}
+
+impl AppState {
+    /// The caller of a request, from `Authorization: Bearer` or `X-API-Key`; WebSocket
+    /// upgrades may carry the token as `?token=` (browsers cannot set headers there).
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Principal, Refusal> {
+        let bearer = headers.get(header::AUTHORIZATION);
+        let key = headers.get("x-api-key");
+        let now = chrono::Utc::now().timestamp();
+        match (bearer, key) {
+            (Some(_), Some(_)) => Err(Refusal::Unauthenticated(AuthnError::Both)),
+            (Some(value), None) => {
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| {
+                        v.strip_prefix("Bearer ")
+                            .or_else(|| v.strip_prefix("bearer "))
+                    })
+                    .map(str::trim)
+                    .ok_or(Refusal::Unauthenticated(AuthnError::Scheme))?;
+                self.tokens
+                    .verify(token, now)
+                    .map(Principal::User)
+                    .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))
+            }
+            (None, Some(value)) => {
+                let presented = value
+                    .to_str()
+                    .map_err(|_| Refusal::Unauthenticated(AuthnError::UnknownKey))?;
+                if !presented.starts_with(crate::authn::API_KEY_PREFIX) || presented.len() > 128 {
+                    return Err(Refusal::Unauthenticated(AuthnError::UnknownKey));
+                }
+                match self.keys.find(&self.store, presented).await {
+                    Ok(Some(key)) => Ok(Principal::Key(key)),
+                    Ok(None) => Err(Refusal::Unauthenticated(AuthnError::UnknownKey)),
+                    Err(error) => {
+                        tracing::error!(%error, "API key lookup failed");
+                        Err(Refusal::Unavailable)
+                    }
+                }
+            }
+            (None, None) => {
+                let upgrade = headers
+                    .get(header::UPGRADE)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+                let token = upgrade
+                    .then(|| query_token(query?))
+                    .flatten()
+                    .ok_or(Refusal::Unauthenticated(AuthnError::Missing))?;
+                self.tokens
+                    .verify(&token, now)
+                    .map(Principal::User)
+                    .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))
+            }
+        }
+    }
+
+    /// The limiter key, quota and policy name for `principal` on `rule`: a route with a
+    /// quota of its own is counted apart; otherwise the caller's default applies (an API key's
+    /// own quota, or the default for keys or users).
+    fn quota_for(
+        &self,
+        principal: &Principal,
+        rule: &crate::routes::Rule,
+    ) -> (String, Quota, &'static str) {
+        let (base, default, policy) = match principal {
+            Principal::User(claims) => (format!("user:{}", claims.sub), self.limits.user, "user"),
+            Principal::Key(key) => (
+                format!("key:{}", key.id),
+                key.limit
+                    .map_or(self.limits.api_key, |(limit, window)| Quota {
+                        limit,
+                        window,
+                    }),
+                "api-key",
+            ),
+        };
+        match rule.limit {
+            Some(route) => (format!("{base}:route:{}", rule.name), route, "route"),
+            None => (base, default, policy),
+        }
+    }
+
+    /// The response for a request the limiter did not admit, if it did not.
+    pub fn refuse_over_limit(
+        &self,
+        decision: &Decision,
+        principal: Option<&Principal>,
+        ip: Option<IpAddr>,
+        policy: &str,
+        what: &str,
+    ) -> Option<Response> {
+        if decision.allowed {
+            return None;
+        }
+        if decision.backend == Backend::Closed {
+            return Some(
+                Problem::unavailable("rate limits cannot be checked right now", 1).into_response(),
+            );
+        }
+        let mut event = Event::new("rate_limit", "limited")
+            .ip(ip)
+            .detail(format!("{policy}: {what}"));
+        if let Some(principal) = principal {
+            event = event.subject(principal.subject());
+        }
+        self.audit.record(event);
+        self.metrics.count_refusal("rate_limited");
+        Some(too_many_requests(decision, policy))
+    }
+}
+
+/// `?token=` from a query string (the name the notifier reads too, since the query is
+/// forwarded as it is).
+fn query_token(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        (name == "token")
+            .then(|| value.to_owned())
+            .filter(|v| !v.is_empty())
+    })
+}
+
+/// The peer's address, as `common::http::serve` recorded it.
+pub fn client_ip(request: &Request) -> Option<IpAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip())
+}
+
+/// 401 with the challenge RFC 6750 asks for.
+pub fn unauthenticated(error: &AuthnError) -> Response {
+    let (challenge, detail) = match error {
+        AuthnError::Missing => (
+            r#"Bearer realm="api-gateway""#,
+            "send an access token (Authorization: Bearer) or an API key (X-API-Key)",
+        ),
+        AuthnError::Both => (
+            r#"Bearer realm="api-gateway", error="invalid_request""#,
+            "send an access token or an API key, not both",
+        ),
+        AuthnError::Scheme => (
+            r#"Bearer realm="api-gateway", error="invalid_request""#,
+            "the Authorization header must be `Bearer <token>`",
+        ),
+        AuthnError::Token(_) => (
+            r#"Bearer realm="api-gateway", error="invalid_token""#,
+            "the access token is invalid or expired",
+        ),
+        AuthnError::UnknownKey => (
+            r#"Bearer realm="api-gateway""#,
+            "the API key is unknown or revoked",
+        ),
+    };
+    let mut response = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+        "Authentication required",
+        detail,
+    )
+    .into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+fn forbidden(
+    state: &AppState,
+    principal: &Principal,
+    ip: Option<IpAddr>,
+    detail: String,
+) -> Response {
+    state.audit.record(
+        Event::new("authorize", "denied")
+            .subject(principal.subject())
+            .ip(ip)
+            .detail(detail),
+    );
+    state.metrics.count_refusal("forbidden");
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "Forbidden",
+        "your roles do not allow this request",
+    )
+    .into_response()
+}
+
+/// 429 with the limiter's headers and `Retry-After`.
+pub fn too_many_requests(decision: &Decision, policy: &str) -> Response {
+    let mut response = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "Too many requests",
+        "the rate limit for this caller is used up; retry after the time in Retry-After",
+    )
+    .into_response();
+    decision.write_headers(policy, response.headers_mut());
+    response
+}

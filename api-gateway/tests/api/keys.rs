@@ -1,0 +1,425 @@
+//! API keys: admin endpoints, authenticating with a key, its own quota, revocation; and the
+//! audit trail with its hash chain.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+/// seq, action, outcome, subject, ip, request_id.
+type AuditRow = (
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+struct Admin {
+    token: String,
+    id: String,
+}
+
+async fn admin(app: &TestApp) -> Admin {
+    app.add_user("root", "correct horse battery", &["admin"])
+        .await;
+    let pair = app.login_ok("root", "correct horse battery").await;
+    let token = pair["access_token"].as_str().unwrap().to_owned();
+    let claims: Value = {
+        use base64::Engine as _;
+        let payload = token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    Admin {
+        token,
+        id: claims["sub"].as_str().unwrap().to_owned(),
+    }
+}
+
+async fn create_key(app: &TestApp, token: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .post(format!("{}/admin/api-keys", app.address))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked() {
+    let app = spawn_app().await;
+    let admin = admin(&app).await;
+    let response = create_key(
+        &app,
+        &admin.token,
+        &json!({ "name": "reporting job", "roles": ["analyst"] }),
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let created: Value = response.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("gwk_"));
+    assert_eq!(created["owner"], admin.id.as_str());
+    assert_eq!(created["roles"], json!(["analyst"]));
+    assert!(key.starts_with(created["prefix"].as_str().unwrap()));
+
+    // The key works where its roles allow, and acts for its owner upstream.
+    let call = |path: &'static str| {
+        app.client
+            .get(format!("{}{path}", app.address))
+            .header("x-api-key", &key)
+            .send()
+    };
+    let response = call("/api/analytics/daily").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["ratelimit-policy"],
+        "\"api-key\";q=10000;w=60"
+    );
+    let echo: Value = response.json().await.unwrap();
+    assert_eq!(echo["headers"]["x-user-id"], json!([admin.id]));
+    assert_eq!(echo["headers"]["x-user-roles"], json!(["analyst"]));
+    assert!(
+        echo["headers"].get("x-api-key").is_none(),
+        "the key leaked upstream"
+    );
+    assert_eq!(call("/api/orders/1").await.unwrap().status(), 403);
+
+    // Listed without the secret.
+    let list: Value = app
+        .get_as("/admin/api-keys", &admin.token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert!(list["items"][0].get("key").is_none());
+    assert!(!list.to_string().contains(&key));
+
+    // Revoked: refused at once.
+    let id = created["id"].as_str().unwrap();
+    let revoke = app
+        .client
+        .delete(format!("{}/admin/api-keys/{id}", app.address))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 204);
+    let response = call("/api/analytics/daily").await.unwrap();
+    problem(response, 401, None).await;
+    let again = app
+        .client
+        .delete(format!(
+            "{}/admin/api-keys/{}",
+            app.address,
+            uuid::Uuid::now_v7()
+        ))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    problem(again, 404, None).await;
+}
+
+#[tokio::test]
+async fn a_key_with_its_own_quota_is_limited_by_it() {
+    let app = spawn_app().await;
+    let admin = admin(&app).await;
+    let created: Value = create_key(
+        &app,
+        &admin.token,
+        &json!({ "name": "tiny", "roles": ["user"], "limit": { "limit": 3, "window": "1m" } }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        created["limit"],
+        json!({ "limit": 3, "window_seconds": 60 })
+    );
+    let key = created["key"].as_str().unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let response = app
+            .client
+            .get(format!("{}/api/orders/1", app.address))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+}
+
+#[tokio::test]
+async fn only_signed_in_admins_manage_keys_and_bad_bodies_are_named() {
+    let app = spawn_app().await;
+    let admin = admin(&app).await;
+    let user = token_for("0190b5e4-0000-7000-8000-000000000009", &["user"]);
+    let response = create_key(&app, &user, &json!({ "name": "x" })).await;
+    problem(response, 403, None).await;
+    let response = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .json(&json!({ "name": "x" }))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 401, None).await;
+    // A key with the admin role still cannot mint keys.
+    let created: Value = create_key(
+        &app,
+        &admin.token,
+        &json!({ "name": "a", "roles": ["admin"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let response = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .header("x-api-key", created["key"].as_str().unwrap())
+        .json(&json!({ "name": "successor" }))
+        .send()
+        .await
+        .unwrap();
+    problem(response, 403, None).await;
+
+    for (body, field) in [
+        (json!({}), "name"),
+        (json!({ "name": "" }), "name"),
+        (json!({ "name": "a".repeat(101) }), "name"),
+        (json!({ "name": 7 }), "name"),
+        (json!({ "name": "x\u{0007}" }), "name"),
+        (json!({ "name": "x", "roles": "admin" }), "roles"),
+        (json!({ "name": "x", "roles": ["ad min"] }), "roles"),
+        (json!({ "name": "x", "roles": vec!["r"; 33] }), "roles"),
+        (json!({ "name": "x", "owner": "not-a-uuid" }), "owner"),
+        (
+            json!({ "name": "x", "limit": { "limit": 0, "window": "1m" } }),
+            "limit",
+        ),
+        (
+            json!({ "name": "x", "limit": { "limit": 5, "window": "forever" } }),
+            "limit",
+        ),
+        (json!({ "name": "x", "limit": 5 }), "limit"),
+        (json!({ "name": "x", "extra": true }), "extra"),
+    ] {
+        let response = create_key(&app, &admin.token, &body).await;
+        problem(response, 422, Some(field)).await;
+    }
+    let response = create_key(
+        &app,
+        &admin.token,
+        &json!({ "name": "x", "owner": uuid::Uuid::now_v7() }),
+    )
+    .await;
+    problem(response, 422, Some("owner")).await;
+    let response = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .bearer_auth(&admin.token)
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    problem(response, 400, None).await;
+    let response = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .bearer_auth(&admin.token)
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    problem(response, 415, None).await;
+    let response = app.get_as("/admin/api-keys?limit=0", &admin.token).await;
+    problem(response, 422, Some("limit")).await;
+    let response = app.get_as("/admin/api-keys?cursor=zzz", &admin.token).await;
+    problem(response, 422, Some("cursor")).await;
+    // Unknown keys, and strings that are not keys at all.
+    for key in ["gwk_unknown", "not-a-key", &"gwk_".repeat(100)] {
+        let response = app
+            .client
+            .get(format!("{}/api/orders/1", app.address))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap();
+        problem(response, 401, None).await;
+    }
+}
+
+#[tokio::test]
+async fn security_events_are_audited_in_a_chain_that_detects_tampering() {
+    let app = spawn_app().await;
+    let admin = admin(&app).await;
+    assert_eq!(app.login("root", "wrong").await.status(), 401);
+    let pair = app.login_ok("root", "correct horse battery").await;
+    let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
+    let rotated: Value = app.refresh(&refresh).await.json().await.unwrap();
+    let rotated: Value = app
+        .refresh(rotated["refresh_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app.refresh(&refresh).await.status(), 401); // reuse: family revoked
+    let created: Value = create_key(&app, &admin.token, &json!({ "name": "k" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.client
+        .delete(format!(
+            "{}/admin/api-keys/{}",
+            app.address,
+            created["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    let user = token_for("0190b5e4-0000-7000-8000-000000000009", &["user"]);
+    assert_eq!(app.get_as("/api/analytics/x", &user).await.status(), 403);
+    assert_eq!(
+        app.client
+            .get(format!("{}/api/orders/1", app.address))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    app.post(
+        "/auth/logout",
+        &json!({ "refresh_token": rotated["refresh_token"] }),
+    )
+    .await;
+    let database_url = app.database_url.clone();
+    app.shut_down().await;
+
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "SELECT seq, action, outcome, subject, ip, request_id FROM audit_log ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let events: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(_, a, o, ..)| (a.as_str(), o.as_str()))
+        .collect();
+    for expected in [
+        ("login", "success"),
+        ("login", "failure"),
+        ("refresh", "success"),
+        ("refresh", "reuse_detected"),
+        ("api_key.create", "success"),
+        ("api_key.revoke", "success"),
+        ("authorize", "denied"),
+        ("authenticate", "failure"),
+        ("logout", "success"),
+    ] {
+        assert!(
+            events.contains(&expected),
+            "{expected:?} missing from {events:?}"
+        );
+    }
+    for (seq, _, _, _, ip, request_id) in &rows {
+        assert_eq!(ip.as_deref(), Some("127.0.0.1"), "row {seq}");
+        assert!(request_id.is_some(), "row {seq}");
+    }
+    // No secret anywhere in the trail.
+    let dump: String =
+        sqlx::query_scalar("SELECT string_agg(audit_log::text, '\n') FROM audit_log")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    for secret in [
+        "correct horse battery",
+        refresh.as_str(),
+        admin.token.as_str(),
+        created["key"].as_str().unwrap(),
+    ] {
+        assert!(!dump.contains(secret), "a secret is in the audit log");
+    }
+
+    let report = api_gateway::audit::verify(&pool, None).await.unwrap();
+    assert_eq!(report.broken, None);
+    assert_eq!(report.rows, rows.len() as u64);
+    let head = report.head.clone();
+    assert!(
+        api_gateway::audit::verify(&pool, Some(&head))
+            .await
+            .unwrap()
+            .broken
+            .is_none()
+    );
+
+    // The verify command agrees, and fails once a row is edited.
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_audit-verify"))
+            .args(["--database-url", &database_url, "--expect-head", &head])
+            .output()
+            .unwrap()
+    };
+    let ok = verify();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(&head));
+    sqlx::query("UPDATE audit_log SET outcome = 'success' WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = api_gateway::audit::verify(&pool, None).await.unwrap();
+    assert_eq!(report.broken.as_ref().map(|b| b.0), Some(2));
+    let broken = verify();
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&broken.stdout).contains("broken at row 2"));
+}
+
+#[tokio::test]
+async fn deleted_and_truncated_rows_break_the_chain() {
+    let app = spawn_app().await;
+    for _ in 0..4 {
+        app.login("nobody", "wrong").await;
+    }
+    let database_url = app.database_url.clone();
+    app.shut_down().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let head = api_gateway::audit::verify(&pool, None).await.unwrap().head;
+    sqlx::query("DELETE FROM audit_log WHERE seq = 4")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = api_gateway::audit::verify(&pool, Some(&head))
+        .await
+        .unwrap();
+    assert!(
+        report.broken.is_some(),
+        "deleting the last row must be caught"
+    );
+    sqlx::query("DELETE FROM audit_log WHERE seq = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let report = api_gateway::audit::verify(&pool, None).await.unwrap();
+    assert_eq!(report.broken.map(|b| b.0), Some(3));
+}
