@@ -128,6 +128,20 @@ mod tests {
     }
 
     #[test]
+    fn the_compose_file_parses_and_differs_only_in_targets() {
+        let compose = GatewayConfig::parse(include_str!("../../deploy/gateway.toml")).unwrap();
+        let default = GatewayConfig::parse(DEFAULT).unwrap();
+        assert_eq!(compose.routes.len(), default.routes.len());
+        let prefixes = |c: &GatewayConfig| {
+            c.upstreams
+                .iter()
+                .map(|u| u.prefix.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(prefixes(&compose), prefixes(&default));
+    }
+
+    #[test]
     fn mistakes_stop_the_gateway() {
         let base = "[limits]\nuser = { limit = 1, window = \"1m\" }\n\
                     api_key = { limit = 1, window = \"1m\" }\n\

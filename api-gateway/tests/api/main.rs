@@ -2,6 +2,7 @@
 //! per test), a real Redis (a key prefix per test) and real upstream servers.
 
 mod auth;
+mod end_to_end;
 mod gateway;
 mod helpers;
 mod keys;

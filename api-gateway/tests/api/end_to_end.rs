@@ -1,0 +1,127 @@
+//! The gateway in front of the real notification-server: a user logs in at the gateway, opens
+//! the notifier's WebSocket through it, and a sender's notification posted through it
+//! arrives on that socket.
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_through_it() {
+    // The notifier trusts the same fixture key the test gateway signs with.
+    let notifier = notification_server::startup::Application::build(
+        notification_server::Settings::for_tests(),
+    )
+    .await
+    .expect("notifier failed to build");
+    let notifier_address = format!("http://127.0.0.1:{}", notifier.port());
+    let (stop_notifier, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(notifier.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let app = spawn_app_with(|_, config| {
+        config
+            .set_targets("notifications", std::slice::from_ref(&notifier_address))
+            .unwrap();
+    })
+    .await;
+    app.add_user("ann", "correct horse battery", &["user"])
+        .await;
+    app.add_user("ops", "correct horse battery", &["sender"])
+        .await;
+    let ann = app.login_ok("ann", "correct horse battery").await;
+    let ops = app.login_ok("ops", "correct horse battery").await;
+    let ann_token = ann["access_token"].as_str().unwrap();
+    let ann_id = subject(ann_token);
+
+    // A browser cannot set headers on a WebSocket: the token rides in the query.
+    let url = format!(
+        "{}/api/notifications/v1/ws?token={ann_token}",
+        app.address.replace("http://", "ws://")
+    );
+    let (mut socket, response) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("upgrade through the gateway failed");
+    assert_eq!(response.status(), 101);
+    let welcome = next_json(&mut socket).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+
+    let sent = app
+        .client
+        .post(format!(
+            "{}/api/notifications/v1/notifications",
+            app.address
+        ))
+        .bearer_auth(ops["access_token"].as_str().unwrap())
+        .json(&json!({
+            "user_ids": [ann_id],
+            "type": "test.note",
+            "title": "through the gateway",
+            "message": "hello",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
+    let frame = next_json(&mut socket).await;
+    assert_eq!(frame["type"], "notification", "{frame}");
+    assert_eq!(frame["notification"]["title"], "through the gateway");
+
+    // Ann may not send (RBAC at the gateway, before the notifier is asked).
+    let refused = app
+        .client
+        .post(format!(
+            "{}/api/notifications/v1/notifications",
+            app.address
+        ))
+        .bearer_auth(ann_token)
+        .json(&json!({ "user_ids": [ann_id], "type": "x", "title": "x", "message": "x" }))
+        .send()
+        .await
+        .unwrap();
+    problem(refused, 403, None).await;
+
+    // Shutting the gateway down closes the tunnel.
+    app.shut_down().await;
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the tunnel outlived the gateway");
+    let _ = stop_notifier.send(());
+}
+
+fn subject(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["sub"].as_str().unwrap().to_owned()
+}
+
+async fn next_json<S>(socket: &mut S) -> Value
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), socket.next())
+            .await
+            .expect("no frame within 5 s")
+            .expect("socket closed")
+            .expect("socket failed");
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
