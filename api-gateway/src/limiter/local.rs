@@ -63,6 +63,14 @@ impl LocalLimiter {
         verdict
     }
 
+    /// Forgets every key: once Redis is back, counts made during the outage are stale, and
+    /// dropping them keeps memory bounded until the next one.
+    pub(crate) fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().keys.clear();
+        }
+    }
+
     /// Keys held, for tests of the sweep.
     #[cfg(test)]
     fn len(&self) -> usize {

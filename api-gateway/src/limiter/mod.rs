@@ -493,6 +493,7 @@ impl Limiter {
         let inner = &self.inner;
         if !inner.up.swap(true, Ordering::AcqRel) {
             inner.metrics.redis_up.set(1);
+            inner.local.clear();
             tracing::info!("rate-limit Redis answers; decisions are shared again");
         }
     }
