@@ -1,7 +1,8 @@
 //! Benchmarks of the api-gateway core. Group `limiter` (ADR 0006): one rate-limit decision
 //! in process, one through the production `Limiter` over Redis, and the two candidate
 //! scripts (sliding window, GCRA) called the same bare way so they compare like for like.
-//! Other groups (JWT verification, route matching) belong here too, one function each.
+//! Group `jwt`: verifying an EdDSA access token, uncached and through the gateway's token
+//! cache. Group `routes`: normalising a path and matching it against the default route file.
 //!
 //! Needs Redis at `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
 //! Run: `cargo bench -p benches --bench api_gateway`.
@@ -137,5 +138,82 @@ fn limiter_group(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, limiter_group);
+/// An access token signed with the fixture key, as the gateway issues them.
+fn fixture_token(sub: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let claims = common::auth::Claims {
+        sub: sub.into(),
+        roles: vec!["user".into()],
+        groups: vec![],
+        iss: "api-gateway".into(),
+        aud: "backend-suite".into(),
+        exp: now + 3600,
+        iat: now,
+        nbf: None,
+        jti: format!("bench-{sub}"),
+    };
+    let pem = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
+    common::auth::Signer::ed25519_pem("test", pem)
+        .and_then(|signer| signer.sign(&claims))
+        .expect("cannot sign a bench token")
+}
+
+fn jwt_group(c: &mut Criterion) {
+    let public = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
+    let mut keys = common::auth::KeySet::new();
+    keys.insert_ed25519_pem("test", public)
+        .expect("fixture key");
+    let verifier = common::auth::Verifier::new(keys, "api-gateway", "backend-suite");
+    let cache = api_gateway::authn::TokenCache::new(verifier, 30, 65_536);
+    let token = fixture_token("0190b5e4-0000-7000-8000-000000000001");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut group = c.benchmark_group("jwt");
+    group.bench_function("verify_eddsa_uncached", |b| {
+        b.iter(|| {
+            cache
+                .verify_uncached(black_box(&token), now)
+                .expect("valid")
+        })
+    });
+    cache.verify(&token, now).expect("valid");
+    group.bench_function("verify_eddsa_cached", |b| {
+        b.iter(|| cache.verify(black_box(&token), now).expect("valid"))
+    });
+    group.finish();
+}
+
+fn routes_group(c: &mut Criterion) {
+    let config = api_gateway::config::GatewayConfig::parse(api_gateway::config::DEFAULT)
+        .expect("the default route file parses");
+    let table = config.table().expect("the default route table builds");
+    let method = axum::http::Method::POST;
+    let mut group = c.benchmark_group("routes");
+    group.bench_function("normalize_clean_path", |b| {
+        b.iter(|| api_gateway::routes::normalize(black_box("/api/notifications/v1/notifications")))
+    });
+    group.bench_function("normalize_hostile_path", |b| {
+        b.iter(|| {
+            api_gateway::routes::normalize(black_box(
+                "//api/./orders/%2e%2e/notifications/%761/notifications",
+            ))
+        })
+    });
+    group.bench_function("match_rule_and_mount", |b| {
+        b.iter(|| {
+            let path = black_box("/api/notifications/v1/notifications");
+            let rule = table.rule(&method, path).expect("a rule");
+            let target = table.target(path).expect("a mount");
+            (rule.allows(&["sender"]), target.path.len())
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, limiter_group, jwt_group, routes_group);
 criterion_main!(benches);
