@@ -94,6 +94,16 @@ impl Connection {
             self.buffer[header_end..header_end + length].to_vec(),
         ))
     }
+
+    /// A header of the last response [`Connection::send`] read (e.g. a 429's `Retry-After`).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let end = find(&self.buffer, b"\r\n\r\n")?;
+        let head = std::str::from_utf8(&self.buffer[..end]).ok()?;
+        head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then_some(value.trim())
+        })
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -6,6 +6,7 @@
 //! the loadtest binary's own folder, so build them first: `cargo build --release --bins`.
 
 mod client;
+mod gateway;
 mod metrics;
 mod notify;
 mod report;
@@ -36,6 +37,8 @@ enum Scenario {
     Metrics,
     /// notification-server: 5,000 WebSocket connections, broadcasts, exactly-once delivery.
     Notify,
+    /// api-gateway: throughput and added latency against nginx, one user's limit over two replicas.
+    Gateway,
     /// Every scenario, one table.
     Suite,
     /// Internal: the memory soak, run in a child process so its RSS is measured alone.
@@ -56,6 +59,13 @@ enum Scenario {
         /// Users in the run (connection i is user i % users).
         #[arg(long)]
         users: usize,
+    },
+    /// Internal: the trivial upstream of the gateway scenario, in its own process.
+    #[command(hide = true)]
+    EchoUpstream {
+        /// Address to listen on; port 0 picks a free port.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -88,6 +98,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Scenario::EchoUpstream { listen } = cli.scenario {
+        return match gateway::echo_upstream(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("echo upstream failed: {error:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -116,11 +135,13 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
     let reports: Vec<Report> = match cli.scenario {
         Scenario::Metrics => vec![metrics::run(cli.quick).await?],
         Scenario::Notify => vec![notify::run(cli.quick).await?],
+        Scenario::Gateway => vec![gateway::run(cli.quick).await?],
         Scenario::Suite => vec![
             metrics::run(cli.quick).await?,
             notify::run(cli.quick).await?,
+            gateway::run(cli.quick).await?,
         ],
-        Scenario::MetricsSoak | Scenario::NotifyClients { .. } => {
+        Scenario::MetricsSoak | Scenario::NotifyClients { .. } | Scenario::EchoUpstream { .. } => {
             unreachable!("handled before the runtime starts")
         }
     };

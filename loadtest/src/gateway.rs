@@ -1,0 +1,1007 @@
+//! api-gateway: JWT-authenticated load through the gateway to a trivial upstream, compared in
+//! the same run with the same load sent straight to the upstream and through nginx's
+//! `proxy_pass`; then two replicas sharing Redis, and one user over quota.
+//!
+//! Processes: the echo upstream (`loadtest echo-upstream`, a child so its CPU is apart from
+//! the generator's), nginx (`loadtest/nginx.conf`), and the release gateway on a fresh
+//! database, with Redis and a route file mounting the upstream at `/api/orders` for role
+//! `user`. Every request carries a bearer token; the users rotate over [`USERS`] so that no
+//! one nears the per-user limit while speed is measured. Each target gets the same load:
+//!
+//! - closed loop: [`CONNECTIONS`] keep-alive connections back to back → requests/s;
+//! - open loop: one fixed rate for all three (half the slowest closed-loop rate) → latency.
+//!   A request held back because the previous answer on its connection was late is timed
+//!   from when it was due (coordinated omission); one only sent late because the 1 ms timer
+//!   woke late, on a free connection, is timed from when it was written.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, bail};
+use axum::{Router, http::header, routing::get, serve::ListenerExt};
+use common::auth::{Claims, Signer};
+use hdrhistogram::Histogram;
+use sqlx::{Connection as _, Executor, PgConnection};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+    task::JoinSet,
+};
+
+use crate::{
+    client::{self, Connection},
+    report::{Report, Target},
+    service::{Service, cpu_seconds_of},
+};
+
+const PRIVATE_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
+const NGINX_CONF: &str = include_str!("../nginx.conf");
+const KID: &str = "loadtest";
+/// What the echo upstream answers on every path but `/healthz`.
+const UPSTREAM_BODY: &str = r#"{"id":1,"status":"shipped","items":3}"#;
+/// Keep-alive connections per target in the speed phases.
+const CONNECTIONS: usize = 64;
+/// Users whose tokens the speed phases rotate through: a full run sends each well under a
+/// hundred requests, far from the per-user limit.
+const USERS: usize = 4_000;
+/// The gateway's default per-user quota (gateway.toml), written into the route file.
+const USER_LIMIT: u64 = 1_000;
+/// The over-quota user's requests, and how many connections send them.
+const LIMITER_REQUESTS: usize = 3_000;
+const LIMITER_CONNECTIONS: usize = 32;
+/// The open loop's rate, as a share of the slowest target's closed-loop rate.
+const OPEN_LOOP_SHARE: f64 = 0.5;
+/// Left out of the open loop's latency histogram.
+const WARM_UP: Duration = Duration::from_millis(500);
+
+/// The three ways the same load is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Direct,
+    Nginx,
+    Gateway,
+}
+
+impl Via {
+    const ALL: [Self; 3] = [Self::Direct, Self::Nginx, Self::Gateway];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Nginx => "nginx",
+            Self::Gateway => "gateway",
+        }
+    }
+
+    /// The request path: the upstream itself has no `/api/orders` mount.
+    fn path(self) -> &'static str {
+        match self {
+            Self::Direct => "/1",
+            Self::Nginx | Self::Gateway => "/api/orders/1",
+        }
+    }
+}
+
+/// Runs the scenario.
+pub async fn run(quick: bool) -> anyhow::Result<Report> {
+    let mut report = Report::new("gateway", quick);
+    let nginx = nginx_binary()?;
+    let redis_url =
+        std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = RedisProbe::new(&redis_url);
+    redis.ping().await?;
+    let dir = std::env::temp_dir().join(format!("loadtest-gateway-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    let database = Database::create().await?;
+    let result = phases(
+        &mut report,
+        quick,
+        &nginx,
+        &redis_url,
+        &redis,
+        &dir,
+        &database,
+    )
+    .await;
+    database.drop_it().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    Ok(report)
+}
+
+async fn phases(
+    report: &mut Report,
+    quick: bool,
+    nginx_binary: &Path,
+    redis_url: &str,
+    redis: &RedisProbe,
+    dir: &Path,
+    database: &Database,
+) -> anyhow::Result<()> {
+    let phase = if quick {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let (upstream, upstream_address) = start_upstream().await?;
+    let (nginx, nginx_address) = start_nginx(nginx_binary, dir, &upstream_address).await?;
+    let gateway_env = GatewayEnv::write(dir, database, redis_url, &upstream_address)?;
+    let gateway = gateway_env.start().await?;
+    wait_ready(&gateway.address).await?;
+    report.figure("proxy_worker_threads", workers());
+    report.figure("connections", CONNECTIONS);
+    report.figure("users", USERS);
+    report.figure("phase_seconds", phase.as_secs_f64());
+
+    let signer = Signer::ed25519_pem(KID, PRIVATE_KEY)?;
+    let tokens: Vec<String> = (0..USERS)
+        .map(|u| token(&signer, &format!("loadtest-user-{u}")))
+        .collect();
+    let address = |path: Via| match path {
+        Via::Direct => upstream_address.clone(),
+        Via::Nginx => nginx_address.clone(),
+        Via::Gateway => gateway.address.clone(),
+    };
+    let requests = |path: Via| -> Arc<Vec<Vec<u8>>> {
+        Arc::new(
+            tokens
+                .iter()
+                .map(|t| client::authorized("GET", path.path(), t, None))
+                .collect(),
+        )
+    };
+    // Every token once through every path: the gateway's token cache, nginx's upstream
+    // keep-alive pool and every process's allocator are warm before anything is timed.
+    for path in Via::ALL {
+        send_all(&address(path), requests(path), CONNECTIONS)
+            .await
+            .with_context(|| format!("warm-up through {} failed", path.name()))?;
+    }
+
+    // Closed loop: how many requests each path carries.
+    let mut errors = 0u64;
+    let mut throughput = [0.0f64; 3];
+    for (i, path) in Via::ALL.into_iter().enumerate() {
+        let name = path.name();
+        let before = CpuSnapshot::take(&upstream, &nginx, &gateway, redis).await;
+        let outcome = drive(&address(path), requests(path), CONNECTIONS, None, phase).await?;
+        let after = CpuSnapshot::take(&upstream, &nginx, &gateway, redis).await;
+        let rate = outcome.ok as f64 / outcome.elapsed.as_secs_f64();
+        throughput[i] = rate;
+        println!(
+            "gateway: closed loop via {name}: {rate:.0} requests/s, {} errors",
+            outcome.errors
+        );
+        report.figure(&format!("{name}_requests_per_second"), rate.round());
+        report.figure(&format!("{name}_closed_loop_errors"), outcome.errors);
+        latency_figures(
+            report,
+            &format!("{name}_closed_loop_latency"),
+            &outcome.latency_us,
+        );
+        after.record_since(report, &before, path, outcome.ok);
+        errors += outcome.errors;
+        if let Some(error) = &outcome.first_error {
+            report.figure(&format!("{name}_closed_loop_first_error"), error.as_str());
+        }
+    }
+
+    // Open loop: the same rate for all three, below every one's capacity.
+    let rate = (throughput.iter().copied().fold(f64::INFINITY, f64::min) * OPEN_LOOP_SHARE)
+        .floor()
+        .max(100.0);
+    report.figure("open_loop_requests_per_second", rate);
+    let mut p50 = [0.0f64; 3];
+    let mut p99 = [0.0f64; 3];
+    for (i, path) in Via::ALL.into_iter().enumerate() {
+        let name = path.name();
+        let outcome = drive(
+            &address(path),
+            requests(path),
+            CONNECTIONS,
+            Some(rate),
+            phase,
+        )
+        .await?;
+        let ms = |q: f64| outcome.latency_us.value_at_quantile(q) as f64 / 1e3;
+        (p50[i], p99[i]) = (ms(0.5), ms(0.99));
+        println!(
+            "gateway: open loop via {name} at {rate:.0}/s: p50 {:.3} ms, p99 {:.3} ms, {} errors",
+            p50[i], p99[i], outcome.errors
+        );
+        latency_figures(report, &format!("{name}_latency"), &outcome.latency_us);
+        report.figure(
+            &format!("{name}_open_loop_achieved_per_second"),
+            (outcome.ok as f64 / outcome.elapsed.as_secs_f64()).round(),
+        );
+        report.figure(&format!("{name}_open_loop_errors"), outcome.errors);
+        errors += outcome.errors;
+        if let Some(error) = &outcome.first_error {
+            report.figure(&format!("{name}_open_loop_first_error"), error.as_str());
+        }
+    }
+    let [direct, via_nginx, via_gateway] = [0, 1, 2];
+    report.figure(
+        "gateway_added_latency_p50_ms",
+        p50[via_gateway] - p50[direct],
+    );
+    report.figure(
+        "gateway_added_latency_p99_ms",
+        p99[via_gateway] - p99[direct],
+    );
+    report.figure("nginx_added_latency_p50_ms", p50[via_nginx] - p50[direct]);
+    report.figure("nginx_added_latency_p99_ms", p99[via_nginx] - p99[direct]);
+    report.targets.push(Target::at_most(
+        "speed_phase_errors",
+        0.0,
+        errors as f64,
+        "requests",
+    ));
+    report.goals.push(Target::at_least(
+        "gateway_vs_nginx_throughput",
+        0.8,
+        throughput[via_gateway] / throughput[via_nginx],
+        "ratio",
+    ));
+    report.goals.push(Target::at_most(
+        "gateway_vs_nginx_p99",
+        1.5,
+        p99[via_gateway] / p99[via_nginx],
+        "ratio",
+    ));
+
+    // Two replicas, one Redis: one user's 3,000 requests, alternating between them.
+    let second = gateway_env.start().await?;
+    wait_ready(&second.address).await?;
+    let user = format!("loadtest-limited-{}", uuid::Uuid::now_v7().simple());
+    limiter_phase(
+        report,
+        [&gateway.address, &second.address],
+        &token(&signer, &user),
+    )
+    .await?;
+
+    second.terminate(Duration::from_secs(10)).await?;
+    gateway.terminate(Duration::from_secs(10)).await?;
+    nginx.stop().await;
+    upstream.stop().await;
+    Ok(())
+}
+
+/// One user sends [`LIMITER_REQUESTS`] over both replicas at once; exactly the quota passes.
+async fn limiter_phase(
+    report: &mut Report,
+    replicas: [&str; 2],
+    token: &str,
+) -> anyhow::Result<()> {
+    let request = Arc::new(client::authorized("GET", Via::Gateway.path(), token, None));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut connections = Vec::with_capacity(LIMITER_CONNECTIONS);
+    for c in 0..LIMITER_CONNECTIONS {
+        connections.push((c % 2, Connection::open(replicas[c % 2]).await?));
+    }
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (replica, mut connection) in connections {
+        let (request, next) = (Arc::clone(&request), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut counts = LimiterCounts::default();
+            while next.fetch_add(1, Ordering::Relaxed) < LIMITER_REQUESTS {
+                let (status, _) = connection.send(&request).await?;
+                match status {
+                    200 => counts.admitted[replica] += 1,
+                    429 => {
+                        counts.refused += 1;
+                        if connection.header("retry-after").is_none() {
+                            counts.without_retry_after += 1;
+                        }
+                    }
+                    _ => counts.other += 1,
+                }
+            }
+            anyhow::Ok(counts)
+        });
+    }
+    let mut total = LimiterCounts::default();
+    while let Some(counts) = tasks.join_next().await {
+        let counts = counts??;
+        total.admitted[0] += counts.admitted[0];
+        total.admitted[1] += counts.admitted[1];
+        total.refused += counts.refused;
+        total.without_retry_after += counts.without_retry_after;
+        total.other += counts.other;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let admitted = total.admitted[0] + total.admitted[1];
+    println!(
+        "gateway: one user, {LIMITER_REQUESTS} requests over two replicas in {seconds:.2} s: \
+         {admitted} admitted ({} + {}), {} refused with 429",
+        total.admitted[0], total.admitted[1], total.refused
+    );
+    report.figure("limiter_seconds", seconds);
+    report.figure("limiter_admitted_replica_1", total.admitted[0]);
+    report.figure("limiter_admitted_replica_2", total.admitted[1]);
+    report.targets.push(exactly(
+        "limiter_admitted_of_3000",
+        USER_LIMIT,
+        admitted,
+        "requests",
+    ));
+    report.targets.push(exactly(
+        "limiter_refused_with_429",
+        LIMITER_REQUESTS as u64 - USER_LIMIT,
+        total.refused,
+        "requests",
+    ));
+    report.targets.push(Target::at_most(
+        "limiter_429_without_retry_after",
+        0.0,
+        total.without_retry_after as f64,
+        "requests",
+    ));
+    report.targets.push(Target::at_most(
+        "limiter_other_statuses",
+        0.0,
+        total.other as f64,
+        "requests",
+    ));
+    report
+        .targets
+        .push(Target::below("limiter_phase_seconds", 60.0, seconds, "s"));
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct LimiterCounts {
+    admitted: [u64; 2],
+    refused: u64,
+    without_retry_after: u64,
+    other: u64,
+}
+
+/// A target that passes only on the exact count.
+fn exactly(name: &str, required: u64, measured: u64, unit: &str) -> Target {
+    Target {
+        name: name.into(),
+        required: format!("= {required}"),
+        measured: measured as f64,
+        unit: unit.into(),
+        pass: measured == required,
+    }
+}
+
+fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) {
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
+    report.figure(&format!("{name}_p50_ms"), ms(0.5));
+    report.figure(&format!("{name}_p99_ms"), ms(0.99));
+    report.figure(&format!("{name}_p999_ms"), ms(0.999));
+    report.figure(&format!("{name}_max_ms"), histogram.max() as f64 / 1e3);
+    report.figure(&format!("{name}_samples"), histogram.len());
+}
+
+/// An access token the gateway accepts, for role `user`, valid for an hour.
+fn token(signer: &Signer, sub: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let claims = Claims {
+        sub: sub.into(),
+        roles: vec!["user".into()],
+        groups: Vec::new(),
+        iss: "api-gateway".into(),
+        aud: "backend-suite".into(),
+        exp: now + 3_600,
+        iat: now,
+        nbf: None,
+        jti: uuid::Uuid::now_v7().to_string(),
+    };
+    signer.sign(&claims).expect("signing cannot fail")
+}
+
+/// What one phase against one path achieved.
+struct Outcome {
+    ok: u64,
+    errors: u64,
+    first_error: Option<String>,
+    latency_us: Histogram<u64>,
+    elapsed: Duration,
+}
+
+/// `connections` clients sending `requests` in turn for `duration`: on a fixed schedule of
+/// `rate` requests/s in all when given, back to back otherwise. Any answer but a 2xx is an
+/// error; a connection that fails is opened again.
+async fn drive(
+    address: &str,
+    requests: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> anyhow::Result<Outcome> {
+    let mut opened = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        opened.push(Connection::open(address).await?);
+    }
+    let started = Instant::now();
+    let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+    let mut tasks = JoinSet::new();
+    for (c, mut connection) in opened.into_iter().enumerate() {
+        let requests = Arc::clone(&requests);
+        let address = address.to_owned();
+        tasks.spawn(async move {
+            let mut outcome = Outcome {
+                ok: 0,
+                errors: 0,
+                first_error: None,
+                latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+                elapsed: Duration::ZERO,
+            };
+            let first = tokio::time::Instant::now()
+                + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / connections as f64));
+            let mut previous_done = tokio::time::Instant::now();
+            let mut k = 0usize;
+            while started.elapsed() < duration {
+                let scheduled = interval.map(|interval| first + interval * k as u32);
+                if let Some(scheduled) = scheduled {
+                    tokio::time::sleep_until(scheduled).await;
+                }
+                let start = match scheduled {
+                    Some(scheduled) if previous_done > scheduled => scheduled,
+                    _ => tokio::time::Instant::now(),
+                };
+                let request = &requests[(k * connections + c) % requests.len()];
+                let failure = match connection.send(request).await {
+                    Ok((200..=299, _)) => None,
+                    Ok((status, body)) => Some(format!(
+                        "status {status}: {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(error) => {
+                        let failure = format!("{error:#}");
+                        match Connection::open(&address).await {
+                            Ok(fresh) => connection = fresh,
+                            Err(_) => {
+                                outcome.errors += 1;
+                                outcome.first_error.get_or_insert(failure);
+                                break;
+                            }
+                        }
+                        Some(failure)
+                    }
+                };
+                previous_done = tokio::time::Instant::now();
+                match failure {
+                    None => outcome.ok += 1,
+                    Some(failure) => {
+                        outcome.errors += 1;
+                        outcome.first_error.get_or_insert(failure);
+                    }
+                }
+                if rate.is_none() || started.elapsed() >= WARM_UP {
+                    let us = (previous_done - start).as_micros().max(1) as u64;
+                    outcome.latency_us.saturating_record(us);
+                }
+                k += 1;
+            }
+            outcome
+        });
+    }
+    let mut total = Outcome {
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        elapsed: Duration::ZERO,
+    };
+    while let Some(outcome) = tasks.join_next().await {
+        let outcome = outcome?;
+        total.ok += outcome.ok;
+        total.errors += outcome.errors;
+        total.first_error = total.first_error.or(outcome.first_error);
+        total.latency_us.add(&outcome.latency_us)?;
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
+/// Sends every request once over `parallel` connections; anything but a 2xx is an error.
+async fn send_all(
+    address: &str,
+    requests: Arc<Vec<Vec<u8>>>,
+    parallel: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..parallel {
+        let (requests, next) = (Arc::clone(&requests), Arc::clone(&next));
+        let address = address.to_owned();
+        tasks.spawn(async move {
+            let mut connection = Connection::open(&address).await?;
+            loop {
+                let Some(request) = requests.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    return anyhow::Ok(());
+                };
+                let (status, body) = connection.send(request).await?;
+                if !(200..300).contains(&status) {
+                    bail!("status {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+/// CPU seconds used so far by every process of the run.
+struct CpuSnapshot {
+    upstream: f64,
+    nginx: f64,
+    gateway: f64,
+    generator: f64,
+    redis: Option<f64>,
+}
+
+impl CpuSnapshot {
+    async fn take(
+        upstream: &Process,
+        nginx: &Process,
+        gateway: &Service,
+        redis: &RedisProbe,
+    ) -> Self {
+        Self {
+            upstream: upstream.cpu_seconds(),
+            nginx: nginx.cpu_seconds(),
+            gateway: gateway.cpu_seconds().unwrap_or(f64::NAN),
+            generator: cpu_seconds_of("/proc/self/stat").unwrap_or(f64::NAN),
+            redis: redis.cpu_seconds().await,
+        }
+    }
+
+    /// Records where the CPU went between `before` and now, while `path` carried `requests`.
+    fn record_since(&self, report: &mut Report, before: &Self, path: Via, requests: u64) {
+        let name = path.name();
+        let proxy = match path {
+            Via::Direct => None,
+            Via::Nginx => Some(self.nginx - before.nginx),
+            Via::Gateway => Some(self.gateway - before.gateway),
+        };
+        report.figure(
+            &format!("{name}_cpu_seconds_upstream"),
+            self.upstream - before.upstream,
+        );
+        report.figure(
+            &format!("{name}_cpu_seconds_generator"),
+            self.generator - before.generator,
+        );
+        if let (Some(now), Some(then)) = (self.redis, before.redis) {
+            report.figure(&format!("{name}_cpu_seconds_redis"), now - then);
+        }
+        if let Some(proxy) = proxy {
+            report.figure(&format!("{name}_cpu_seconds_proxy"), proxy);
+            report.figure(
+                &format!("{name}_proxy_cpu_us_per_request"),
+                proxy / requests.max(1) as f64 * 1e6,
+            );
+        }
+    }
+}
+
+/// The proxies' parallelism: the gateway's tokio runtime has one worker thread per core, and
+/// nginx gets as many worker processes.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// A helper process that is not a suite service (the echo upstream, nginx).
+struct Process {
+    child: Child,
+    pid: u32,
+}
+
+impl Process {
+    fn new(child: Child) -> anyhow::Result<Self> {
+        let pid = child.id().context("the process has already exited")?;
+        Ok(Self { child, pid })
+    }
+
+    /// CPU seconds of the process and its children (nginx's workers).
+    fn cpu_seconds(&self) -> f64 {
+        let mut total = cpu_seconds_of(&format!("/proc/{}/stat", self.pid)).unwrap_or(0.0);
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return total;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat_path = format!("/proc/{pid}/stat");
+            let Ok(stat) = std::fs::read_to_string(&stat_path) else {
+                continue;
+            };
+            // After `(comm)`: state, then the parent's pid.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if parent == Some(self.pid) {
+                total += cpu_seconds_of(&stat_path).unwrap_or(0.0);
+            }
+        }
+        total
+    }
+
+    /// SIGTERM (nginx's fast shutdown stops its workers too), then SIGKILL after 5 s.
+    async fn stop(mut self) {
+        terminate(self.pid);
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // On an early return: SIGKILL on nginx's master would leave its workers running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            terminate(self.pid);
+        }
+    }
+}
+
+fn terminate(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// `loadtest echo-upstream`: answers every path with [`UPSTREAM_BODY`] (with its
+/// Content-Length) and `/healthz` with `ok`. Prints `listening <addr>` once bound.
+pub fn echo_upstream(listen: SocketAddr) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("failed to bind {listen}"))?;
+        println!("listening {}", listener.local_addr()?);
+        let router = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .fallback(|| async { ([(header::CONTENT_TYPE, "application/json")], UPSTREAM_BODY) });
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, router)
+            .await
+            .context("the echo upstream failed")
+    })
+}
+
+/// Starts `loadtest echo-upstream` and returns it with its address.
+async fn start_upstream() -> anyhow::Result<(Process, String)> {
+    let me = std::env::current_exe().context("failed to locate the loadtest binary")?;
+    let mut child = Command::new(me)
+        .args(["echo-upstream", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("failed to start the echo upstream")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let process = Process::new(child)?;
+    let line = tokio::time::timeout(
+        Duration::from_secs(10),
+        BufReader::new(stdout).lines().next_line(),
+    )
+    .await
+    .context("the echo upstream did not start within 10 s")??
+    .context("the echo upstream exited before listening")?;
+    let address = line
+        .strip_prefix("listening ")
+        .with_context(|| format!("unexpected line from the echo upstream: {line}"))?
+        .to_owned();
+    Ok((process, address))
+}
+
+/// Debian's nginx, or a message saying how to install it.
+fn nginx_binary() -> anyhow::Result<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let candidates = [PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")];
+    candidates
+        .iter()
+        .chain(&on_path)
+        .map(|dir| dir.join("nginx"))
+        .find(|path| path.is_file())
+        .context(
+            "nginx is not installed; the gateway scenario compares the gateway with nginx's \
+             proxy_pass. Install it as root: apt-get install nginx-light",
+        )
+}
+
+/// Fills in `loadtest/nginx.conf`, runs nginx in the foreground, and waits until it proxies.
+async fn start_nginx(
+    binary: &Path,
+    dir: &Path,
+    upstream: &str,
+) -> anyhow::Result<(Process, String)> {
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(&prefix)
+        .with_context(|| format!("failed to create {}", prefix.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let prefix_text = prefix.to_string_lossy();
+    let conf = NGINX_CONF
+        .replace("{{prefix}}", &prefix_text)
+        .replace("{{listen}}", &listen)
+        .replace("{{upstream}}", upstream)
+        .replace("{{workers}}", &workers().to_string());
+    let conf_path = prefix.join("nginx.conf");
+    let error_log = prefix.join("error.log");
+    std::fs::write(&conf_path, conf)
+        .with_context(|| format!("failed to write {}", conf_path.display()))?;
+    let child = Command::new(binary)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-e")
+        .arg(&error_log)
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("failed to start {}", binary.display()))?;
+    let mut process = Process::new(child)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = process.child.try_wait()? {
+            let log = std::fs::read_to_string(&error_log).unwrap_or_default();
+            bail!("nginx exited ({status}) before serving:\n{log}");
+        }
+        if let Ok(mut connection) = Connection::open(&listen).await
+            && let Ok((200, _)) = connection
+                .send(&client::request("GET", "/healthz", "text/plain", b""))
+                .await
+        {
+            return Ok((process, listen));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "nginx did not proxy /healthz within 10 s (log: {})",
+                error_log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What every gateway replica of the run is started with.
+struct GatewayEnv {
+    database_url: String,
+    redis_url: String,
+    rate_limit_prefix: String,
+    config: String,
+    key: String,
+}
+
+impl GatewayEnv {
+    /// Writes the route file and the signing key into `dir`.
+    fn write(
+        dir: &Path,
+        database: &Database,
+        redis_url: &str,
+        upstream: &str,
+    ) -> anyhow::Result<Self> {
+        let config = dir.join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[limits]
+user = {{ limit = {USER_LIMIT}, window = "1m" }}
+api_key = {{ limit = 10000, window = "1m" }}
+auth_ip = {{ limit = 60, window = "1m" }}
+
+[[upstreams]]
+name = "orders"
+prefix = "/api/orders"
+targets = ["http://{upstream}"]
+
+[[routes]]
+methods = ["GET"]
+prefix = "/api/orders"
+roles = ["user"]
+"#
+            ),
+        )
+        .context("failed to write the route file")?;
+        let key = dir.join("ed25519-private.pem");
+        std::fs::write(&key, PRIVATE_KEY).context("failed to write the signing key")?;
+        Ok(Self {
+            database_url: database.url.clone(),
+            redis_url: redis_url.to_owned(),
+            rate_limit_prefix: format!("loadtest:{}:", uuid::Uuid::now_v7().simple()),
+            config: config.to_string_lossy().into_owned(),
+            key: key.to_string_lossy().into_owned(),
+        })
+    }
+
+    /// One replica; logs at warn (plus the gateway's few startup lines).
+    async fn start(&self) -> anyhow::Result<Service> {
+        Service::start_with_env(
+            "api-gateway",
+            &["--admin-listen", "127.0.0.1:0"],
+            &[
+                ("DATABASE_URL", &self.database_url),
+                ("REDIS_URL", &self.redis_url),
+                ("RATE_LIMIT_PREFIX", &self.rate_limit_prefix),
+                ("GATEWAY_CONFIG", &self.config),
+                ("JWT_ED25519_PRIVATE_KEY_FILE", &self.key),
+                ("JWT_KEY_ID", KID),
+            ],
+        )
+        .await
+    }
+}
+
+/// Waits until `/readyz` says ready, with Redis up and the upstream available.
+async fn wait_ready(address: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut last = String::new();
+    loop {
+        if let Ok(mut connection) = Connection::open(address).await
+            && let Ok((status, body)) = connection
+                .send(&client::request("GET", "/readyz", "text/plain", b""))
+                .await
+        {
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if status == 200 && body["redis"] == true && body["upstreams"]["orders"] == true {
+                return Ok(());
+            }
+            last = format!("{status} {body}");
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway at {address} was not ready within 15 s: /readyz said {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Speaks just enough RESP to check Redis is there and read its CPU time.
+struct RedisProbe {
+    url: String,
+    address: String,
+}
+
+impl RedisProbe {
+    fn new(url: &str) -> Self {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+        let host_port = rest.split('/').next().unwrap_or(rest);
+        let address = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:6379")
+        };
+        Self {
+            url: url.to_owned(),
+            address,
+        }
+    }
+
+    async fn ping(&self) -> anyhow::Result<()> {
+        let reply = tokio::time::timeout(Duration::from_secs(3), self.command("PING")).await;
+        match reply {
+            Ok(Ok(reply)) if reply.starts_with("+PONG") || reply.starts_with("-NOAUTH") => Ok(()),
+            _ => bail!(
+                "Redis is not reachable at {}. Start it with `redis-server --daemonize yes`, or \
+                 point TEST_REDIS_URL at a running server",
+                self.url
+            ),
+        }
+    }
+
+    /// Redis's own user + system CPU seconds (`INFO cpu`), when it says.
+    async fn cpu_seconds(&self) -> Option<f64> {
+        let info = tokio::time::timeout(Duration::from_secs(1), self.command("INFO cpu"))
+            .await
+            .ok()?
+            .ok()?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Some(field("used_cpu_user:")? + field("used_cpu_sys:")?)
+    }
+
+    /// Sends an inline command and returns the whole reply (a simple or a bulk string).
+    async fn command(&self, command: &str) -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect(&self.address).await?;
+        stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        let mut reply = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let read = stream.read(&mut chunk).await?;
+            if read == 0 {
+                bail!("Redis closed the connection");
+            }
+            reply.extend_from_slice(&chunk[..read]);
+            let text = String::from_utf8_lossy(&reply);
+            let Some((head, body)) = text.split_once("\r\n") else {
+                continue;
+            };
+            let complete = match head.strip_prefix('$') {
+                Some(length) => body.len() >= length.parse::<usize>().unwrap_or(0) + 2,
+                None => true,
+            };
+            if complete {
+                return Ok(text.into_owned());
+            }
+        }
+    }
+}
+
+/// A database made for one run, dropped after it.
+struct Database {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> anyhow::Result<Self> {
+        let admin_url = std::env::var("LOADTEST_DATABASE_URL")
+            .or_else(|_| std::env::var("TEST_DATABASE_URL"))
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = PgConnection::connect(&admin_url).await.with_context(|| {
+            format!("PostgreSQL is not reachable at {admin_url}; set LOADTEST_DATABASE_URL")
+        })?;
+        let name = format!("gateway_loadtest_{}", uuid::Uuid::now_v7().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .context("the database URL names no database")?;
+        let url = format!("{base}/{name}");
+        Ok(Self {
+            admin_url,
+            name,
+            url,
+        })
+    }
+
+    async fn drop_it(&self) {
+        if let Ok(mut conn) = PgConnection::connect(&self.admin_url).await {
+            let _ = conn
+                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                .await;
+        }
+    }
+}
