@@ -29,7 +29,6 @@ use anyhow::{Context, bail};
 use axum::{Router, http::header, routing::get, serve::ListenerExt};
 use common::auth::{Claims, Signer};
 use hdrhistogram::Histogram;
-use sqlx::{Connection as _, Executor, PgConnection};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -39,6 +38,7 @@ use tokio::{
 
 use crate::{
     client::{self, Connection},
+    database::Database,
     report::{Report, Target},
     service::{Service, cpu_seconds_of},
 };
@@ -101,7 +101,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     redis.ping().await?;
     let dir = std::env::temp_dir().join(format!("loadtest-gateway-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
-    let database = Database::create().await?;
+    let database = Database::create("gateway").await?;
     let result = phases(
         &mut report,
         quick,
@@ -964,44 +964,6 @@ impl RedisProbe {
             if complete {
                 return Ok(text.into_owned());
             }
-        }
-    }
-}
-
-/// A database made for one run, dropped after it.
-struct Database {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    async fn create() -> anyhow::Result<Self> {
-        let admin_url = std::env::var("LOADTEST_DATABASE_URL")
-            .or_else(|_| std::env::var("TEST_DATABASE_URL"))
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let mut conn = PgConnection::connect(&admin_url).await.with_context(|| {
-            format!("PostgreSQL is not reachable at {admin_url}; set LOADTEST_DATABASE_URL")
-        })?;
-        let name = format!("gateway_loadtest_{}", uuid::Uuid::now_v7().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await?;
-        let (base, _) = admin_url
-            .rsplit_once('/')
-            .context("the database URL names no database")?;
-        let url = format!("{base}/{name}");
-        Ok(Self {
-            admin_url,
-            name,
-            url,
-        })
-    }
-
-    async fn drop_it(&self) {
-        if let Ok(mut conn) = PgConnection::connect(&self.admin_url).await {
-            let _ = conn
-                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await;
         }
     }
 }

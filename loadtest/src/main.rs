@@ -6,6 +6,7 @@
 //! the loadtest binary's own folder, so build them first: `cargo build --release --bins`.
 
 mod client;
+mod database;
 mod gateway;
 mod metrics;
 mod notify;

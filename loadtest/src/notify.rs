@@ -21,7 +21,6 @@ use common::auth::{Claims, Signer};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use sqlx::{Connection as _, Executor, PgConnection};
 use tokio::{
     net::TcpSocket,
     sync::{Semaphore, mpsc, watch},
@@ -33,6 +32,7 @@ use tokio_tungstenite::tungstenite::{
 
 use crate::{
     client::{self, Connection},
+    database::Database,
     report::{Report, Target},
     service::{Service, cpu_seconds_of},
 };
@@ -79,16 +79,16 @@ impl Plan {
 pub async fn run(quick: bool) -> anyhow::Result<Report> {
     let mut report = Report::new("notify", quick);
     let keys = Keys::new()?;
-    let database = Database::create().await?;
+    let database = Database::create("notify").await?;
     let result = main_phase(&mut report, &keys, &database, Plan::new(quick)).await;
     database.drop_it().await;
     result?;
     if !quick {
-        let database = Database::create().await?;
+        let database = Database::create("notify").await?;
         let result = capacity_phase(&mut report, &keys, &database, 19_000).await;
         database.drop_it().await;
         result?;
-        let database = Database::create().await?;
+        let database = Database::create("notify").await?;
         let result = cluster_phase(&mut report, &keys, &database, 3, 45_000).await;
         database.drop_it().await;
         result?;
@@ -607,44 +607,6 @@ impl Keys {
             env.push(("REDIS_PREFIX", prefix));
         }
         Service::start_with_env("notification-server", &[], &env).await
-    }
-}
-
-/// A database made for one run, dropped after it.
-struct Database {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    async fn create() -> anyhow::Result<Self> {
-        let admin_url = std::env::var("LOADTEST_DATABASE_URL")
-            .or_else(|_| std::env::var("TEST_DATABASE_URL"))
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let mut conn = PgConnection::connect(&admin_url).await.with_context(|| {
-            format!("PostgreSQL is not reachable at {admin_url}; set LOADTEST_DATABASE_URL")
-        })?;
-        let name = format!("notify_loadtest_{}", uuid::Uuid::now_v7().simple());
-        conn.execute(format!("CREATE DATABASE {name}").as_str())
-            .await?;
-        let (base, _) = admin_url
-            .rsplit_once('/')
-            .context("the database URL names no database")?;
-        let url = format!("{base}/{name}");
-        Ok(Self {
-            admin_url,
-            name,
-            url,
-        })
-    }
-
-    async fn drop_it(&self) {
-        if let Ok(mut conn) = PgConnection::connect(&self.admin_url).await {
-            let _ = conn
-                .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
-                .await;
-        }
     }
 }
 
