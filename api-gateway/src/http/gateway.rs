@@ -20,6 +20,9 @@ use crate::{
     proxy::Identity,
 };
 
+/// What a 403 on `/api/*` tells the client.
+const ROLES_DO_NOT_ALLOW: &str = "your roles do not allow this request";
+
 /// Marks a response that came from an upstream, so gateway-only headers (CSP) leave it be.
 #[derive(Debug, Clone, Copy)]
 pub struct Proxied;
@@ -37,15 +40,7 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
     {
         Ok(principal) => principal,
         Err(Refusal::Unauthenticated(error)) => {
-            state
-                .audit
-                .record(Event::new("authenticate", "failure").ip(ip).detail(format!(
-                    "{}: {}",
-                    error.reason(),
-                    what()
-                )));
-            state.metrics.count_refusal("unauthenticated");
-            return unauthenticated(&error);
+            return state.refuse_unauthenticated(&error, ip, &what());
         }
         Err(Refusal::Unavailable) => {
             return Problem::unavailable("credentials cannot be checked right now", 1)
@@ -54,10 +49,20 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
     };
 
     let Some(rule) = state.table.rule(&method, &path) else {
-        return forbidden(&state, &principal, ip, format!("no rule: {}", what()));
+        return state.refuse_forbidden(
+            &principal,
+            ip,
+            format!("no rule: {}", what()),
+            ROLES_DO_NOT_ALLOW,
+        );
     };
     if !rule.allows(principal.roles()) {
-        return forbidden(&state, &principal, ip, format!("{}: {}", rule.name, what()));
+        return state.refuse_forbidden(
+            &principal,
+            ip,
+            format!("{}: {}", rule.name, what()),
+            ROLES_DO_NOT_ALLOW,
+        );
     }
     let Some(target) = state.table.target(&path) else {
         return Problem::not_found().into_response();
@@ -182,6 +187,40 @@ impl AppState {
         }
     }
 
+    /// 401 for `error` (with its challenge), audited and counted; `what` names the request.
+    pub fn refuse_unauthenticated(
+        &self,
+        error: &AuthnError,
+        ip: Option<IpAddr>,
+        what: &str,
+    ) -> Response {
+        self.audit.record(
+            Event::new("authenticate", "failure")
+                .ip(ip)
+                .detail(format!("{}: {what}", error.reason())),
+        );
+        self.metrics.count_refusal("unauthenticated");
+        unauthenticated(error)
+    }
+
+    /// 403 telling the client `detail`, audited with `audit_detail` and counted.
+    pub fn refuse_forbidden(
+        &self,
+        principal: &Principal,
+        ip: Option<IpAddr>,
+        audit_detail: String,
+        detail: &'static str,
+    ) -> Response {
+        self.audit.record(
+            Event::new("authorize", "denied")
+                .subject(principal.subject())
+                .ip(ip)
+                .detail(audit_detail),
+        );
+        self.metrics.count_refusal("forbidden");
+        Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail).into_response()
+    }
+
     /// The response for a request the limiter did not admit, if it did not.
     pub fn refuse_over_limit(
         &self,
@@ -266,28 +305,6 @@ pub fn unauthenticated(error: &AuthnError) -> Response {
         HeaderValue::from_static(challenge),
     );
     response
-}
-
-fn forbidden(
-    state: &AppState,
-    principal: &Principal,
-    ip: Option<IpAddr>,
-    detail: String,
-) -> Response {
-    state.audit.record(
-        Event::new("authorize", "denied")
-            .subject(principal.subject())
-            .ip(ip)
-            .detail(detail),
-    );
-    state.metrics.count_refusal("forbidden");
-    Problem::new(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        "Forbidden",
-        "your roles do not allow this request",
-    )
-    .into_response()
 }
 
 /// 429 with the limiter's headers and `Retry-After`.

@@ -234,13 +234,7 @@ async fn admin(
     let principal = match state.authenticate(headers, None).await {
         Ok(principal) => principal,
         Err(gateway::Refusal::Unauthenticated(error)) => {
-            state.audit.record(
-                Event::new("authenticate", "failure")
-                    .ip(ip)
-                    .detail(format!("{}: {what}", error.reason())),
-            );
-            state.metrics.count_refusal("unauthenticated");
-            return Err(gateway::unauthenticated(&error));
+            return Err(state.refuse_unauthenticated(&error, ip, what));
         }
         Err(gateway::Refusal::Unavailable) => {
             return Err(Problem::unavailable("the key store is unavailable", 1).into_response());
@@ -249,20 +243,12 @@ async fn admin(
     let claims = match &principal {
         Principal::User(claims) if claims.has_role("admin") => Arc::clone(claims),
         _ => {
-            state.audit.record(
-                Event::new("authorize", "denied")
-                    .subject(principal.subject())
-                    .ip(ip)
-                    .detail(what.to_owned()),
-            );
-            state.metrics.count_refusal("forbidden");
-            return Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "Forbidden",
+            return Err(state.refuse_forbidden(
+                &principal,
+                ip,
+                what.to_owned(),
                 "managing API keys needs a signed-in admin (API keys cannot manage keys)",
-            )
-            .into_response());
+            ));
         }
     };
     let (key, quota) = (format!("user:{}", claims.sub), state.limits.user);
