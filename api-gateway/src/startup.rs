@@ -17,7 +17,7 @@ use crate::{
     audit::{Audit, AuditWriter},
     authn::{KeyCache, TokenCache},
     config::GatewayConfig,
-    http::{AppState, AuthSettings, Parts, admin_router, router},
+    http::{AppState, AuthSettings, Parts, PublicService, admin_router},
     limiter::{Limiter, LimiterSettings, SystemClock},
     passwords,
     proxy::{Proxy, UpstreamSettings},
@@ -177,10 +177,14 @@ impl Application {
                 stop_proxy.cancel();
             }
         };
-        let drained =
-            common::http::serve(self.listener, router(self.state), shutdown, serve_settings)
-                .await
-                .context("server failed")?;
+        let drained = common::http::serve(
+            self.listener,
+            PublicService::new(self.state),
+            shutdown,
+            serve_settings,
+        )
+        .await
+        .context("server failed")?;
         let _ = admin.await;
         drop(stop_rx);
         stop_proxy.cancel();

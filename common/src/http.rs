@@ -6,10 +6,9 @@
 //! that run too long or arrive when too many are in flight. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
 use axum::{
-    Router,
     body::{Body, Bytes},
     extract::{ConnectInfo, MatchedPath, Request, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
@@ -25,7 +24,7 @@ use tokio::{
     net::TcpListener,
     sync::{Semaphore, watch},
 };
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::problem::Problem;
@@ -57,32 +56,40 @@ pub mod request_id {
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
 pub async fn request_context(request: Request, next: Next) -> Response {
+    in_request_context(request, |request| next.run(request)).await
+}
+
+/// What [`request_context`] does, around any handler: for a service that dispatches
+/// requests itself instead of through a middleware stack.
+pub async fn in_request_context<F, Fut>(request: Request, handle: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let id = request
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| request_id::accept_client_id(v))
         .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
-    let traceparent = request
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let header_id = HeaderValue::from_str(&id).ok();
     let span = tracing::info_span!(
         "request",
         request_id = %id,
         method = %request.method(),
         path = %request.uri().path(),
-        traceparent = %traceparent,
+        traceparent = %request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
     );
     let started = std::time::Instant::now();
-    let header_id = HeaderValue::from_str(&id).ok();
 
     let handled = request_id::scope(
         id,
         async move {
-            let response = next.run(request).await;
+            let response = handle(request).await;
             // Server errors are always logged; the rest only at debug, since a service
             // answering 50K requests/s cannot afford a log line for each.
             let status = response.status().as_u16();
@@ -157,7 +164,8 @@ pub struct ServeSettings {
     pub max_header_bytes: Option<usize>,
 }
 
-/// Serves `router` over HTTP/1.1 on `listener` until `shutdown` completes, then stops
+/// Serves `service` (a `Router`, or any service of the same shape) over HTTP/1.1 on
+/// `listener` until `shutdown` completes, then stops
 /// accepting, lets requests in flight finish, and returns once they have or the grace period
 /// has passed, whichever comes first. Returns `true` when every connection drained in time.
 ///
@@ -166,12 +174,16 @@ pub struct ServeSettings {
 /// header read timeout applies, and `TCP_NODELAY` on every connection (responses are written
 /// whole; Nagle would only hold small ones back behind delayed ACKs). Each request carries the
 /// peer's [`ConnectInfo`], and upgrades (WebSocket) are supported.
-pub async fn serve(
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     shutdown: impl Future<Output = ()> + Send + 'static,
     settings: ServeSettings,
-) -> std::io::Result<bool> {
+) -> std::io::Result<bool>
+where
+    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -201,11 +213,11 @@ pub async fn serve(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "failed to set TCP_NODELAY");
         }
-        let router = router.clone();
+        let service = service.clone();
         let service = tower::service_fn(move |request: hyper::Request<Incoming>| {
             let mut request = request.map(Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request)
+            service.clone().oneshot(request)
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))

@@ -18,7 +18,6 @@ use std::{
 use common::auth::{Claims, Signer};
 use notification_server::{settings::Settings, startup::Application};
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -40,7 +39,7 @@ async fn the_page_shows_live_notifications_and_recovers_missed_ones_after_a_rest
              `apt-get install chromium chromium-driver` (scripts/test does)."
         );
     }
-    let database = fresh_database().await;
+    let database = test_support::fresh_database("notify_test").await;
     let mut node = Node::start(&database, 0).await;
     let driver = ChromeDriver::start();
     let browser = Browser::open(&driver).await;
@@ -190,27 +189,6 @@ impl Node {
             stopped.await.unwrap().unwrap();
         }
     }
-}
-
-/// A new, empty database for this test; its URL.
-async fn fresh_database() -> String {
-    let admin = std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
-        panic!(
-            "PostgreSQL is not reachable at {admin} ({error}). Start it with \
-             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-             or point TEST_DATABASE_URL at a running server (scripts/test does both)."
-        )
-    });
-    let name = format!("notify_test_{}", Uuid::now_v7().simple());
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("cannot create a test database");
-    let (base, _) = admin
-        .rsplit_once('/')
-        .expect("TEST_DATABASE_URL has no database");
-    format!("{base}/{name}")
 }
 
 /// A token for `sub`, valid for ten minutes, signed with the key the test service trusts.

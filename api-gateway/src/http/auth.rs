@@ -93,9 +93,7 @@ pub async fn refresh(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let mut object = json_object(&headers, body)?;
-    let presented = take_string(&mut object, "refresh_token", 256)?;
-    no_more_fields(&object)?;
+    let presented = refresh_token_body(&headers, body)?;
     let ip = Some(peer.ip());
     let (next, next_hash) = new_refresh_token();
     let rotation = state
@@ -159,9 +157,7 @@ pub async fn logout(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<StatusCode, Problem> {
-    let mut object = json_object(&headers, body)?;
-    let presented = take_string(&mut object, "refresh_token", 256)?;
-    no_more_fields(&object)?;
+    let presented = refresh_token_body(&headers, body)?;
     let revoked = state
         .store
         .revoke_family(&hash_refresh_token(&presented))
@@ -253,6 +249,17 @@ fn invalid_refresh() -> Problem {
 fn store_problem(error: StoreError) -> Problem {
     tracing::error!(%error, "storage failed");
     Problem::unavailable("the user store is unavailable", 1)
+}
+
+/// The body of `/auth/refresh` and `/auth/logout`: `{"refresh_token"}` and nothing else.
+fn refresh_token_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<String, Problem> {
+    let mut object = json_object(headers, body)?;
+    let presented = take_string(&mut object, "refresh_token", 256)?;
+    no_more_fields(&object)?;
+    Ok(presented)
 }
 
 fn take_string(

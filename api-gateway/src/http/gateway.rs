@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use axum::{
-    extract::{ConnectInfo, Request, State},
+    extract::{ConnectInfo, Request},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -28,7 +28,7 @@ const ROLES_DO_NOT_ALLOW: &str = "your roles do not allow this request";
 pub struct Proxied;
 
 /// Every proxied request.
-pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
+pub async fn forward(state: &AppState, request: Request) -> Response {
     let ip = client_ip(&request);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();

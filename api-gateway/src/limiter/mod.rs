@@ -189,33 +189,43 @@ impl Decision {
         if matches!(self.backend, Backend::Open | Backend::Closed) {
             return;
         }
+        // Built by hand: this runs on every proxied request.
         let name = sf_string(policy);
+        let mut numbers = itoa::Buffer::new();
         let limit = self.quota.limit;
         let window = ceil_secs(self.quota.window).max(1);
         let reset = ceil_secs(self.reset);
-        let fields = [
-            ("ratelimit-policy", format!("{name};q={limit};w={window}")),
-            (
-                "ratelimit",
-                format!("{name};r={};t={reset}", self.remaining),
-            ),
-        ];
-        for (field, value) in fields {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                headers.insert(HeaderName::from_static(field), value);
-            }
+        let mut value = String::with_capacity(name.len() + 24);
+        value.push_str(&name);
+        value.push_str(";q=");
+        value.push_str(numbers.format(limit));
+        value.push_str(";w=");
+        value.push_str(numbers.format(window));
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(RATELIMIT_POLICY.clone(), value);
         }
+        value.truncate(name.len());
+        value.push_str(";r=");
+        value.push_str(numbers.format(self.remaining));
+        value.push_str(";t=");
+        value.push_str(numbers.format(reset));
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(RATELIMIT.clone(), value);
+        }
+        headers.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(limit));
         headers.insert(
-            HeaderName::from_static("x-ratelimit-limit"),
-            HeaderValue::from(limit),
-        );
-        headers.insert(
-            HeaderName::from_static("x-ratelimit-remaining"),
+            X_RATELIMIT_REMAINING.clone(),
             HeaderValue::from(self.remaining),
         );
-        headers.insert(HeaderName::from_static("x-ratelimit-reset"), seconds(reset));
+        headers.insert(X_RATELIMIT_RESET.clone(), seconds(reset));
     }
 }
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 fn ceil_secs(duration: Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
@@ -306,6 +316,7 @@ struct LimiterMetrics {
     redis_up: Gauge,
     redis_errors: Counter,
     redis_seconds: Histogram,
+    redis_batch_size: Histogram,
 }
 
 impl LimiterMetrics {
@@ -315,6 +326,9 @@ impl LimiterMetrics {
             redis_up: Gauge::default(),
             redis_errors: Counter::default(),
             redis_seconds: common::prometheus::latency_histogram(),
+            redis_batch_size: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 9),
+            ),
         };
         registry.register(
             "limiter_decisions",
@@ -333,8 +347,13 @@ impl LimiterMetrics {
         );
         registry.register(
             "limiter_redis_seconds",
-            "Time of one rate-limit decision in Redis",
+            "Time of one rate-limit decision in Redis, the wait for its batch included",
             metrics.redis_seconds.clone(),
+        );
+        registry.register(
+            "limiter_redis_batch_size",
+            "Decisions carried by one call of the rate-limit script",
+            metrics.redis_batch_size.clone(),
         );
         metrics
     }
@@ -369,7 +388,14 @@ impl Limiter {
         let redis = settings
             .redis_url
             .as_deref()
-            .map(|url| RedisWindow::new(url, &settings.key_prefix, settings.redis_timeout))
+            .map(|url| {
+                RedisWindow::new(
+                    url,
+                    &settings.key_prefix,
+                    settings.redis_timeout,
+                    metrics.redis_batch_size.clone(),
+                )
+            })
             .transpose()?;
         let limiter = Self {
             inner: Arc::new(Inner {
@@ -476,7 +502,7 @@ impl Limiter {
         }
     }
 
-    fn mark_down(&self, error: &::redis::RedisError) {
+    fn mark_down(&self, error: &dyn fmt::Display) {
         let inner = &self.inner;
         inner.metrics.redis_errors.inc();
         if inner.up.swap(false, Ordering::AcqRel) {

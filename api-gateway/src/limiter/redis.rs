@@ -1,32 +1,85 @@
-//! The shared limiter: one `EVALSHA` of `sliding_window.lua` per decision, so every replica
-//! reads and updates a key's counters atomically in Redis.
+//! The shared limiter: every replica reads and updates a key's counters atomically in Redis,
+//! through `sliding_window.lua`.
+//!
+//! Decisions are batched: one task owns the calls to Redis, and each call decides every
+//! request queued since the last one went out (up to [`MAX_BATCH`]), with at most
+//! [`IN_FLIGHT`] call outstanding. A lone request goes out at once, so batching adds no wait
+//! when the gateway is quiet; under load one `EVALSHA` carries many decisions, which spares
+//! Redis and the gateway a round trip, a command and a socket write for each (ADR 0006 has
+//! the figures). Each decision stays atomic and exact: the script runs the batch in order, as
+//! if its decisions had arrived one by one.
 
-use std::time::Duration;
+use std::{fmt, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use futures_util::{StreamExt, stream::FuturesUnordered};
+use prometheus_client::metrics::histogram::Histogram;
 use redis::{
     RedisError, RedisResult, Script,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+use tokio::sync::{mpsc, oneshot};
 
 use super::window::Verdict;
 
 /// The decision script; loaded by hash on first use and again after a Redis restart.
 pub(crate) const SLIDING_WINDOW_SCRIPT: &str = include_str!("sliding_window.lua");
 
-/// A connection (reconnecting by itself) and the script.
+/// Most decisions in one script call.
+const MAX_BATCH: usize = 256;
+/// Most script calls outstanding at once: while one runs, the next batch gathers. With one,
+/// loadtest gateway's batches averaged 10 decisions and Redis spent 8.1 µs of CPU per request;
+/// with two, 6.6 and 8.8–9.6 µs.
+const IN_FLIGHT: usize = 1;
+/// Requests waiting for a batch before callers wait to queue (far above what the in-flight
+/// requests of one replica can reach).
+const QUEUE: usize = 16_384;
+
+/// Why a decision could not be made in Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure(Arc<str>);
+
+impl Failure {
+    fn new(what: impl fmt::Display) -> Self {
+        Self(what.to_string().into())
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One decision waiting for its batch.
+struct Pending {
+    key: String,
+    now: u64,
+    window: u64,
+    limit: u64,
+    reply: oneshot::Sender<Result<Verdict, Failure>>,
+}
+
+/// The connection (reconnecting by itself) and the queue of the task that batches decisions.
 #[derive(Clone)]
 pub(crate) struct RedisWindow {
     conn: ConnectionManager,
-    script: Script,
+    queue: mpsc::Sender<Pending>,
     prefix: String,
     timeout: Duration,
 }
 
 impl RedisWindow {
     /// Prepares the connection without opening it, so a Redis that is down at start does not
-    /// stop the gateway. Fails only on a malformed URL.
-    pub(crate) fn new(url: &str, prefix: &str, timeout: Duration) -> anyhow::Result<Self> {
+    /// stop the gateway, and starts the batching task, which ends when the last clone of this
+    /// is dropped. Fails only on a malformed URL. Needs a Tokio runtime.
+    /// `batch_size` observes the decisions of each script call.
+    pub(crate) fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        batch_size: Histogram,
+    ) -> anyhow::Result<Self> {
         let client = redis::Client::open(url)
             .with_context(|| format!("invalid REDIS_URL {}", common::config::redact_url(url)))?;
         // No retries inside the manager: the limiter's own probe decides when to try again,
@@ -37,33 +90,53 @@ impl RedisWindow {
             .set_number_of_retries(0);
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .context("cannot set up the Redis connection")?;
+        let (queue, pending) = mpsc::channel(QUEUE);
+        tokio::spawn(batch_decisions(
+            pending,
+            Batches {
+                conn: conn.clone(),
+                script: Script::new(SLIDING_WINDOW_SCRIPT),
+                timeout,
+                size: batch_size,
+            },
+        ));
         Ok(Self {
             conn,
-            script: Script::new(SLIDING_WINDOW_SCRIPT),
+            queue,
             prefix: prefix.to_owned(),
             timeout,
         })
     }
 
-    /// One decision for `key` (prefixed here) at `now` (µs); `window` in µs.
+    /// One decision for `key` (prefixed here) at `now` (µs); `window` in µs. Waits at most
+    /// the Redis timeout, queueing included.
     pub(crate) async fn check(
         &self,
         key: &str,
         now: u64,
         window: u64,
         limit: u64,
-    ) -> RedisResult<Verdict> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.script.key(format!("{}{key}", self.prefix));
-        invocation.arg(now).arg(window).arg(limit);
-        let (allowed, remaining, reset, retry): (u8, u64, u64, i64) =
-            bounded(self.timeout, invocation.invoke_async(&mut conn)).await?;
-        Ok(Verdict {
-            allowed: allowed == 1,
-            remaining,
-            reset,
-            retry_after: u64::try_from(retry).ok(),
-        })
+    ) -> Result<Verdict, Failure> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            key: format!("{}{key}", self.prefix),
+            now,
+            window,
+            limit,
+            reply,
+        };
+        let decided = async {
+            self.queue
+                .send(pending)
+                .await
+                .map_err(|_| Failure::new("the limiter's batching task has stopped"))?;
+            answer
+                .await
+                .map_err(|_| Failure::new("the limiter's batching task dropped a decision"))?
+        };
+        tokio::time::timeout(self.timeout, decided)
+            .await
+            .unwrap_or_else(|_| Err(Failure::new("no answer within the limiter's Redis timeout")))
     }
 
     /// Whether Redis answers; a first failure on a dead connection makes the manager
@@ -80,6 +153,81 @@ impl RedisWindow {
             )
             .await
             .map(drop),
+        }
+    }
+}
+
+/// The batching task: takes what is queued, up to [`MAX_BATCH`], whenever fewer than
+/// [`IN_FLIGHT`] calls are outstanding, and answers each decision when its call returns.
+async fn batch_decisions(mut pending: mpsc::Receiver<Pending>, batches: Batches) {
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            batch = take(&mut pending), if open && in_flight.len() < IN_FLIGHT => {
+                match batch {
+                    Some(batch) => in_flight.push(batches.decide(batch)),
+                    None => open = false,
+                }
+            }
+        }
+    }
+}
+
+/// The next batch: waits for one decision, then takes whatever else is queued; `None` once
+/// every sender is gone.
+async fn take(pending: &mut mpsc::Receiver<Pending>) -> Option<Vec<Pending>> {
+    let mut batch = Vec::with_capacity(MAX_BATCH.min(pending.len() + 1));
+    (pending.recv_many(&mut batch, MAX_BATCH).await > 0).then_some(batch)
+}
+
+/// What the batching task sends batches with.
+struct Batches {
+    conn: ConnectionManager,
+    script: Script,
+    timeout: Duration,
+    size: Histogram,
+}
+
+impl Batches {
+    /// One script call for `batch`; every decision in it gets the verdict or the failure.
+    async fn decide(&self, batch: Vec<Pending>) {
+        self.size.observe(batch.len() as f64);
+        let mut conn = self.conn.clone();
+        let mut invocation = self.script.prepare_invoke();
+        for pending in &batch {
+            invocation
+                .key(&pending.key)
+                .arg(pending.now)
+                .arg(pending.window)
+                .arg(pending.limit);
+        }
+        let reply: RedisResult<Vec<i64>> =
+            bounded(self.timeout, invocation.invoke_async(&mut conn)).await;
+        let failure = match reply {
+            Ok(flat) if flat.len() == 4 * batch.len() => {
+                for (pending, verdict) in batch.into_iter().zip(flat.chunks_exact(4)) {
+                    // A caller that timed out has gone; its verdict is dropped.
+                    let _ = pending.reply.send(Ok(Verdict {
+                        allowed: verdict[0] == 1,
+                        remaining: u64::try_from(verdict[1]).unwrap_or(0),
+                        reset: u64::try_from(verdict[2]).unwrap_or(0),
+                        retry_after: u64::try_from(verdict[3]).ok(),
+                    }));
+                }
+                return;
+            }
+            Ok(flat) => Failure::new(format!(
+                "the limiter script answered {} values for {} decisions",
+                flat.len(),
+                batch.len()
+            )),
+            Err(error) => Failure::new(error),
+        };
+        for pending in batch {
+            let _ = pending.reply.send(Err(failure.clone()));
         }
     }
 }

@@ -12,60 +12,34 @@ use axum::{
 };
 use common::auth::{Claims, Signer};
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
-pub fn test_database_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
+pub use test_support::{test_database_url, test_redis_url};
 
 /// A new, empty database for one test; its URL.
 pub async fn fresh_database() -> String {
-    let admin = test_database_url();
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
-        panic!(
-            "PostgreSQL is not reachable at {admin} ({error}). Start it with \
-             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-             or point TEST_DATABASE_URL at a running server (scripts/test does both)."
-        )
-    });
-    let name = format!("gateway_test_{}", Uuid::now_v7().simple());
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("cannot create a test database");
-    let (base, _) = admin
-        .rsplit_once('/')
-        .expect("TEST_DATABASE_URL has no database");
-    format!("{base}/{name}")
+    test_support::fresh_database("gateway_test").await
 }
 
-pub fn test_redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// Fails the test with instructions when Redis is not there.
-pub async fn require_redis() {
+/// The shared test Redis's URL; fails the test with instructions when it does not answer.
+pub async fn require_redis() -> String {
     let url = test_redis_url();
     let reachable = async {
-        let client = redis::Client::open(url.as_str()).ok()?;
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
     };
-    if tokio::time::timeout(std::time::Duration::from_secs(3), reachable)
+    if let Err(error) = tokio::time::timeout(std::time::Duration::from_secs(3), reachable)
         .await
-        .ok()
-        .flatten()
-        .is_none()
+        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
     {
         panic!(
-            "Redis is not reachable at {url}. Start it with `redis-server --daemonize yes`, \
-             or point TEST_REDIS_URL at a running server (scripts/test does both)."
+            "Redis is not reachable at {url} ({error}). Start it with \
+             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
+             at a running server (scripts/test does both)."
         );
     }
+    url
 }
 
 pub struct TestApp {

@@ -5,7 +5,6 @@
 
 use std::{
     net::TcpListener,
-    process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,34 +16,12 @@ use api_gateway::limiter::{
 use axum::http::HeaderMap;
 use chrono::{NaiveDate, TimeZone, Utc};
 use prometheus_client::registry::Registry;
+use test_support::PrivateRedis;
 use uuid::Uuid;
 
+use crate::helpers::require_redis;
+
 const SECOND: u64 = 1_000_000;
-
-fn test_redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-/// The shared test Redis, or a panic saying how to start one.
-async fn redis_url() -> String {
-    let url = test_redis_url();
-    let reachable = async {
-        let client = redis::Client::open(url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    if let Err(error) = tokio::time::timeout(Duration::from_secs(3), reachable)
-        .await
-        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
-    {
-        panic!(
-            "Redis is not reachable at {url} ({error}). Start it with \
-             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
-             at a running server (scripts/test does both)."
-        );
-    }
-    url
-}
 
 /// A key prefix no other test uses.
 fn fresh_prefix() -> String {
@@ -100,7 +77,7 @@ fn metric(registry: &Registry, name: &str) -> Option<String> {
 async fn limiter_a_burst_either_side_of_a_minute_passes_the_limit_once_not_twice() {
     let clock = ManualClock::new(at(12, 0, 59));
     let (limiter, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         Arc::new(clock.clone()),
     )
     .await;
@@ -117,7 +94,7 @@ async fn limiter_a_burst_straddling_the_keys_own_window_boundary_passes_the_limi
     // An earlier request anchors the key's windows at 12:00:00, so 12:01:00 divides the burst.
     let clock = ManualClock::new(at(12, 0, 0));
     let (limiter, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         Arc::new(clock.clone()),
     )
     .await;
@@ -137,7 +114,7 @@ async fn limiter_refused_requests_consume_nothing() {
     let start = at(9, 0, 0);
     let clock = ManualClock::new(start);
     let (limiter, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         Arc::new(clock.clone()),
     )
     .await;
@@ -164,7 +141,7 @@ async fn limiter_retry_after_is_exact() {
     let start = at(10, 0, 0);
     let clock = ManualClock::new(start);
     let (limiter, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         Arc::new(clock.clone()),
     )
     .await;
@@ -188,7 +165,7 @@ async fn limiter_retry_after_is_exact() {
 
 #[tokio::test]
 async fn limiter_two_replicas_sharing_redis_admit_exactly_the_quota_of_3000_concurrent_requests() {
-    let url = redis_url().await;
+    let url = require_redis().await;
     let prefix = fresh_prefix();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (a, _) = limiter(settings(Some(url.clone()), &prefix), clock.clone()).await;
@@ -204,11 +181,57 @@ async fn limiter_two_replicas_sharing_redis_admit_exactly_the_quota_of_3000_conc
     assert_eq!(decisions.iter().filter(|d| d.allowed).count(), 1_000);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limiter_concurrent_decisions_share_script_calls_and_each_is_decided_as_if_alone() {
+    let clock = ManualClock::new(at(14, 0, 0));
+    let (limiter, registry) = limiter(
+        settings(Some(require_redis().await), &fresh_prefix()),
+        Arc::new(clock),
+    )
+    .await;
+    let quota = Quota::per_minute(20);
+    let (keys, per_key) = (8u32, 50u32);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..keys * per_key {
+        let limiter = limiter.clone();
+        tasks.spawn(async move {
+            let key = format!("user:{}", i % keys);
+            (key.clone(), limiter.check(&key, quota).await)
+        });
+    }
+    let decisions = tasks.join_all().await;
+    assert!(decisions.iter().all(|(_, d)| d.backend == Backend::Redis));
+    for k in 0..keys {
+        let key = format!("user:{k}");
+        let mut remaining: Vec<u32> = decisions
+            .iter()
+            .filter(|(d_key, d)| *d_key == key && d.allowed)
+            .map(|(_, d)| d.remaining)
+            .collect();
+        remaining.sort_unstable();
+        // Exactly the quota, and each admitted decision saw every one before it: 19, 18, … 0.
+        assert_eq!(remaining, (0..20).collect::<Vec<u32>>(), "{key}");
+    }
+    let calls: u64 = metric(&registry, "api_gateway_limiter_redis_batch_size_count")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let carried: f64 = metric(&registry, "api_gateway_limiter_redis_batch_size_sum")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(carried, f64::from(keys * per_key));
+    assert!(
+        calls < u64::from(keys * per_key),
+        "{calls} script calls for {carried} decisions: nothing was batched"
+    );
+}
+
 #[tokio::test]
 async fn limiter_headers_describe_a_real_decision() {
     let clock = ManualClock::new(at(11, 0, 0));
     let (limiter, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         Arc::new(clock.clone()),
     )
     .await;
@@ -245,7 +268,7 @@ async fn limiter_the_local_limiter_decides_exactly_like_redis() {
     let clock = ManualClock::new(at(13, 0, 0));
     let shared: Arc<dyn Clock> = Arc::new(clock.clone());
     let (redis, _) = limiter(
-        settings(Some(redis_url().await), &fresh_prefix()),
+        settings(Some(require_redis().await), &fresh_prefix()),
         shared.clone(),
     )
     .await;
@@ -281,46 +304,6 @@ async fn limiter_the_local_limiter_decides_exactly_like_redis() {
             },
             from_local
         );
-    }
-}
-
-/// A private Redis this test may kill without disturbing the others.
-struct PrivateRedis {
-    port: u16,
-    child: Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (Debian package redis-server)");
-        let redis = Self { port, child };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("private redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -434,7 +417,7 @@ async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_b
 /// script) on the same scenarios; the figures in ADR 0006.
 #[tokio::test]
 async fn limiter_adr_0006_figures() {
-    let url = redis_url().await;
+    let url = require_redis().await;
     let prefix = fresh_prefix();
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -7,6 +7,8 @@ use std::{
     time::Duration,
 };
 
+use test_support::PrivateRedis;
+
 use crate::helpers::*;
 
 /// A notifier process.
@@ -96,46 +98,6 @@ async fn a_notification_accepted_by_one_node_reaches_connections_on_every_node()
     let mut back = b.app.reconnect("alice", &id).await;
     assert_eq!(back.next_notification().await["id"], first.as_str());
     assert_eq!(back.next_json().await["type"], "recovered");
-}
-
-/// A private Redis this test may kill without disturbing the others.
-struct PrivateRedis {
-    port: u16,
-    child: Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("cannot start redis-server (Debian package redis-server)");
-        let redis = Self { port, child };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return redis;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("private redis-server did not start on port {port}");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[tokio::test]

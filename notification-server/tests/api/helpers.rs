@@ -7,7 +7,6 @@ use common::auth::{Claims, Signer};
 use futures_util::{SinkExt, StreamExt};
 use notification_server::{settings::Settings, startup::Application};
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection};
 use tokio::net::TcpStream;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
@@ -33,33 +32,11 @@ pub enum Engine {
 /// Both engines, for tests that must behave the same on each.
 pub const ENGINES: [Engine; 2] = [Engine::Memory, Engine::Postgres];
 
-pub fn test_database_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-pub fn test_redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+pub use test_support::{test_database_url, test_redis_url};
 
 /// A new, empty database for one test; its URL.
 pub async fn fresh_database() -> String {
-    let admin = test_database_url();
-    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
-        panic!(
-            "PostgreSQL is not reachable at {admin} ({error}). Start it with \
-             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-             or point TEST_DATABASE_URL at a running server (scripts/test does both)."
-        )
-    });
-    let name = format!("notify_test_{}", Uuid::now_v7().simple());
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .expect("cannot create a test database");
-    let (base, _) = admin
-        .rsplit_once('/')
-        .expect("TEST_DATABASE_URL has no database");
-    format!("{base}/{name}")
+    test_support::fresh_database("notify_test").await
 }
 
 /// A Redis prefix no other test uses.

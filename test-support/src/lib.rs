@@ -1,0 +1,86 @@
+//! What the services' integration tests share, so each backend is reached, named and
+//! explained the same way: a fresh PostgreSQL database per test (a clear panic, never a skip,
+//! when PostgreSQL is down), the test Redis's URL, and a private `redis-server` a test may kill.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use sqlx::{Connection, Executor, PgConnection};
+use uuid::Uuid;
+
+/// The PostgreSQL server tests use (`TEST_DATABASE_URL`, else the local one).
+pub fn test_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The Redis tests share (`TEST_REDIS_URL`, else the local one).
+pub fn test_redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A new, empty database named `{label}_{uuid}` for one test; its URL. Panics saying how to
+/// start PostgreSQL when it does not answer.
+pub async fn fresh_database(label: &str) -> String {
+    let admin = test_database_url();
+    let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
+        panic!(
+            "PostgreSQL is not reachable at {admin} ({error}). Start it with \
+             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+             or point TEST_DATABASE_URL at a running server (scripts/test does both)."
+        )
+    });
+    let name = format!("{label}_{}", Uuid::now_v7().simple());
+    conn.execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("cannot create a test database");
+    let (base, _) = admin
+        .rsplit_once('/')
+        .expect("TEST_DATABASE_URL has no database");
+    format!("{base}/{name}")
+}
+
+/// A private Redis a test may kill without disturbing the others; killed when dropped.
+pub struct PrivateRedis {
+    port: u16,
+    child: Child,
+}
+
+impl PrivateRedis {
+    /// Starts `redis-server` on `port` (nothing saved to disk) and waits until it accepts.
+    pub fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot start redis-server (Debian package redis-server)");
+        let redis = Self { port, child };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("private redis-server did not start on port {port}");
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (a test restarts it with [`PrivateRedis::start`] on the same port).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
