@@ -49,7 +49,7 @@ use common::{
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
 };
-use futures_util::future::BoxFuture;
+use futures_util::{FutureExt as _, future::BoxFuture};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -254,8 +254,9 @@ impl Service<Request> for PublicService {
 
     fn call(&mut self, request: Request) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let response = in_request_context(request, |request| async move {
+        // `map`, not an `async` block awaiting it: that would hold the future twice.
+        Box::pin(
+            in_request_context(request, |request| async move {
                 let mut response = match this.cors {
                     Some(cors) => {
                         let Ok(response) = cors.oneshot(request).await;
@@ -266,9 +267,8 @@ impl Service<Request> for PublicService {
                 security_headers(&mut response);
                 response
             })
-            .await;
-            Ok(response)
-        })
+            .map(Ok),
+        )
     }
 }
 
@@ -317,8 +317,7 @@ impl Service<Request> for Dispatch {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(request).await) })
+        Box::pin(self.clone().handle(request).map(Ok))
     }
 }
 
