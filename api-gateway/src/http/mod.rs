@@ -347,6 +347,9 @@ fn own_routes(state: AppState) -> Router {
 /// Rewrites the request's path to its normal form; or, when it has none, the answer (400).
 fn normalize_path(state: &AppState, request: &mut Request) -> Option<Response> {
     let uri = request.uri();
+    if routes::is_normal(uri.path()) {
+        return None;
+    }
     let normalized = match routes::normalize(uri.path()) {
         Ok(path) => path,
         Err(error) => {

@@ -112,6 +112,9 @@ pub(super) async fn forward(
     let websocket = client_upgrade.is_some();
 
     let mut headers = std::mem::take(&mut parts.headers);
+    // Room for what is added below (identity, request id, traceparent, forwarding), so the
+    // map, sized for the client's headers, grows once rather than rehashing as they go in.
+    headers.reserve(8);
     headers::strip_hop_by_hop(&mut headers, websocket);
     if headers::set_identity(&mut headers, &identity.subject, &identity.roles).is_err() {
         tracing::error!(upstream = %settings.name, "the subject cannot be sent as a header value");
@@ -295,6 +298,8 @@ fn respond(
 ) -> Response {
     let status = response.status();
     let mut headers = std::mem::take(response.headers_mut());
+    // Room for the rate-limit and security headers and the request id added on the way out.
+    headers.reserve(10);
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut headers, switching && client_upgrade.is_some());
 
