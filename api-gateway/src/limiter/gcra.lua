@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  string: the theoretical arrival time (TAT), microseconds
 -- ARGV     now us, window us, limit
--- Returns {allowed 0|1, remaining, reset us, retry_after us or -1}, like sliding_window.lua.
+-- Returns {allowed 0|1, remaining, reset us, retry_after us or -1}.
 -- Burst tolerance is window - interval, so `limit` requests pass at once, then one per
 -- window / limit.
 local now = tonumber(ARGV[1])

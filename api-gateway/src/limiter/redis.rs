@@ -206,22 +206,16 @@ impl Batches {
         }
         let reply: RedisResult<Vec<i64>> =
             bounded(self.timeout, invocation.invoke_async(&mut conn)).await;
-        let failure = match reply {
-            Ok(flat) if flat.len() == 4 * batch.len() => {
-                for (pending, verdict) in batch.into_iter().zip(flat.chunks_exact(4)) {
+        let failure = match reply.map(|flat| verdicts(&flat, batch.len()).ok_or(flat.len())) {
+            Ok(Ok(verdicts)) => {
+                for (pending, verdict) in batch.into_iter().zip(verdicts) {
                     // A caller that timed out has gone; its verdict is dropped.
-                    let _ = pending.reply.send(Ok(Verdict {
-                        allowed: verdict[0] == 1,
-                        remaining: u64::try_from(verdict[1]).unwrap_or(0),
-                        reset: u64::try_from(verdict[2]).unwrap_or(0),
-                        retry_after: u64::try_from(verdict[3]).ok(),
-                    }));
+                    let _ = pending.reply.send(Ok(verdict));
                 }
                 return;
             }
-            Ok(flat) => Failure::new(format!(
-                "the limiter script answered {} values for {} decisions",
-                flat.len(),
+            Ok(Err(values)) => Failure::new(format!(
+                "the limiter script answered {values} values, not {} verdicts",
                 batch.len()
             )),
             Err(error) => Failure::new(error),
@@ -230,6 +224,41 @@ impl Batches {
             let _ = pending.reply.send(Err(failure.clone()));
         }
     }
+}
+
+/// The verdicts in a reply of `sliding_window.lua`: two integers for an allowed decision
+/// (remaining, reset), three for a refused one (-(remaining + 1), reset, retry after).
+/// `None` unless the reply holds exactly `decisions` whole verdicts.
+fn verdicts(flat: &[i64], decisions: usize) -> Option<Vec<Verdict>> {
+    let unsigned = |value: i64| u64::try_from(value).unwrap_or(0);
+    let mut verdicts = Vec::with_capacity(decisions);
+    let mut rest = flat;
+    while !rest.is_empty() {
+        let (verdict, tail) = match *rest {
+            [remaining, reset, ref tail @ ..] if remaining >= 0 => (
+                Verdict {
+                    allowed: true,
+                    remaining: unsigned(remaining),
+                    reset: unsigned(reset),
+                    retry_after: None,
+                },
+                tail,
+            ),
+            [refused, reset, retry, ref tail @ ..] if refused < 0 => (
+                Verdict {
+                    allowed: false,
+                    remaining: unsigned((-1i64).saturating_sub(refused)),
+                    reset: unsigned(reset),
+                    retry_after: u64::try_from(retry).ok(),
+                },
+                tail,
+            ),
+            _ => return None,
+        };
+        verdicts.push(verdict);
+        rest = tail;
+    }
+    (verdicts.len() == decisions).then_some(verdicts)
 }
 
 /// `call`, or an I/O error once `timeout` has passed.
@@ -245,4 +274,52 @@ async fn bounded<T>(
                 "no answer within the limiter's Redis timeout",
             )))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(remaining: u64, reset: u64) -> Verdict {
+        Verdict {
+            allowed: true,
+            remaining,
+            reset,
+            retry_after: None,
+        }
+    }
+
+    fn refused(remaining: u64, reset: u64, retry: u64) -> Verdict {
+        Verdict {
+            allowed: false,
+            remaining,
+            reset,
+            retry_after: Some(retry),
+        }
+    }
+
+    #[test]
+    fn a_reply_reads_as_two_integers_per_admission_and_three_per_refusal() {
+        let reply = [19, 60_000_000, -1, 59_000_000, 1_000, 0, 5, -3, 7, 7];
+        assert_eq!(
+            verdicts(&reply, 4),
+            Some(vec![
+                allowed(19, 60_000_000),
+                refused(0, 59_000_000, 1_000),
+                allowed(0, 5),
+                refused(2, 7, 7),
+            ])
+        );
+        assert_eq!(verdicts(&[], 0), Some(vec![]));
+    }
+
+    #[test]
+    fn a_reply_that_does_not_hold_exactly_the_verdicts_asked_for_is_refused() {
+        // Too few, too many, cut inside a verdict, and a refusal without its retry.
+        assert_eq!(verdicts(&[19, 60], 2), None);
+        assert_eq!(verdicts(&[19, 60, 18, 60], 1), None);
+        assert_eq!(verdicts(&[19], 1), None);
+        assert_eq!(verdicts(&[-1, 60], 1), None);
+        assert_eq!(verdicts(&[], 1), None);
+    }
 }
