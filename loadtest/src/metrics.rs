@@ -400,26 +400,20 @@ async fn closed_loop(
     duration: Duration,
     requests: Arc<Vec<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<Outcome> {
-    paced(address, connections, None, duration, requests).await
+    drive(address, connections, None, duration, requests).await
 }
 
-/// `connections` clients sending on a fixed schedule (`rate` requests/s in all) when given,
-/// back to back otherwise. Latency is measured from the moment a request is written, or, on
-/// a schedule, from when it was due if a slow response held it back (so a stalled service
-/// is charged for the requests it delayed); the [`WARM_UP`] is left out.
+/// `connections` clients sending on a fixed schedule, `rate` requests/s in all, driven from
+/// one thread of its own: on the shared runtime a response could wake a second worker before
+/// its task ran, and that hop was charged to the service (p50 0.21 against 0.25 ms, and fewer
+/// p99 outliers, in alternating runs).
 async fn paced(
     address: &str,
     connections: usize,
-    rate: Option<f64>,
+    rate: f64,
     duration: Duration,
     requests: Arc<Vec<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<Outcome> {
-    if rate.is_none() {
-        return drive(address, connections, rate, duration, requests).await;
-    }
-    // A schedule is driven from one thread of its own: on the shared runtime a response
-    // could wake a second worker before its task ran, and that hop was charged to the
-    // service (p50 0.21 against 0.25 ms, and fewer p99 outliers, in alternating runs).
     let address = address.to_owned();
     let (done, outcome) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -430,14 +424,18 @@ async fn paced(
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|runtime| {
-                    runtime.block_on(drive(&address, connections, rate, duration, requests))
+                    runtime.block_on(drive(&address, connections, Some(rate), duration, requests))
                 });
             let _ = done.send(result);
         })?;
     outcome.await?
 }
 
-/// The body of [`paced`], on whichever runtime it is given.
+/// `connections` clients sending on a fixed schedule (`rate` requests/s in all) when given,
+/// back to back otherwise, on the runtime it is polled on. Latency is measured from the
+/// moment a request is written, or, on a schedule, from when it was due if a slow response
+/// held it back (so a stalled service is charged for the requests it delayed); the
+/// [`WARM_UP`] is left out.
 async fn drive(
     address: &str,
     connections: usize,
@@ -562,7 +560,7 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let offered = paced(
         &address,
         8,
-        Some(1_000.0),
+        1_000.0,
         phase.max(Duration::from_secs(15)),
         Arc::new(batch_requests(64, 100, 7)),
     )
