@@ -40,6 +40,7 @@ use crate::{
     client::{self, Connection},
     database::Database,
     report::{Report, Target},
+    scrape,
     service::{Service, cpu_seconds_of},
 };
 
@@ -141,6 +142,7 @@ async fn phases(
     report.figure("connections", CONNECTIONS);
     report.figure("users", USERS);
     report.figure("phase_seconds", phase.as_secs_f64());
+    report.figure("stall_threshold_ms", STALL.as_secs_f64() * 1e3);
 
     let signer = Signer::ed25519_pem(KID, PRIVATE_KEY)?;
     let tokens: Vec<String> = (0..USERS)
@@ -173,7 +175,13 @@ async fn phases(
     for (i, path) in Via::ALL.into_iter().enumerate() {
         let name = path.name();
         let before = CpuSnapshot::take(&upstream, &nginx, &gateway, redis).await;
+        let inside = Inside::take(path, &gateway).await;
         let outcome = drive(&address(path), requests(path), CONNECTIONS, None, phase).await?;
+        Inside::take(path, &gateway).await.record_since(
+            report,
+            &inside,
+            &format!("{name}_closed_loop"),
+        );
         let after = CpuSnapshot::take(&upstream, &nginx, &gateway, redis).await;
         let rate = outcome.ok as f64 / outcome.elapsed.as_secs_f64();
         throughput[i] = rate;
@@ -204,6 +212,7 @@ async fn phases(
     let mut p99 = [0.0f64; 3];
     for (i, path) in Via::ALL.into_iter().enumerate() {
         let name = path.name();
+        let inside = Inside::take(path, &gateway).await;
         let outcome = drive(
             &address(path),
             requests(path),
@@ -212,6 +221,11 @@ async fn phases(
             phase,
         )
         .await?;
+        Inside::take(path, &gateway).await.record_since(
+            report,
+            &inside,
+            &format!("{name}_open_loop"),
+        );
         let ms = |q: f64| outcome.latency_us.value_at_quantile(q) as f64 / 1e3;
         (p50[i], p99[i]) = (ms(0.5), ms(0.99));
         println!(
@@ -219,6 +233,10 @@ async fn phases(
             p50[i], p99[i], outcome.errors
         );
         latency_figures(report, &format!("{name}_latency"), &outcome.latency_us);
+        report.figure(
+            &format!("{name}_latency_stalls"),
+            over(&outcome.latency_us, STALL),
+        );
         report.figure(
             &format!("{name}_open_loop_achieved_per_second"),
             (outcome.ok as f64 / outcome.elapsed.as_secs_f64()).round(),
@@ -540,6 +558,83 @@ async fn send_all(
         result??;
     }
     Ok(())
+}
+
+/// A response slower than this counts as a stall in the figures that attribute the tail: it
+/// is a bound of the gateway's latency histograms (50 µs doubled eight times).
+const STALL: Duration = Duration::from_micros(12_800);
+/// The gateway's latency histograms, by the name their figures take.
+const GATEWAY_HISTOGRAMS: [(&str, &str); 3] = [
+    // From the request to the response head, inside the gateway's handler.
+    ("handler", "api_gateway_http_request_duration_seconds"),
+    // One rate-limit decision in Redis, the wait for its batch included.
+    ("redis", "api_gateway_limiter_redis_seconds"),
+    // From sending the request upstream to its response head.
+    ("upstream", "api_gateway_upstream_request_seconds"),
+];
+
+/// Responses of `histogram` (µs) slower than `limit`.
+fn over(histogram: &Histogram<u64>, limit: Duration) -> u64 {
+    let limit = limit.as_micros() as u64;
+    histogram.len() - histogram.count_between(0, limit)
+}
+
+/// Where a phase's tail came from: the host's steal for every path, and for the gateway its
+/// own latency histograms. A stall the client saw that the handler did not see waited outside
+/// it (kernel, runtime queue, client); one in the `redis` or `upstream` histogram waited there.
+struct Inside {
+    ticks: Option<(u64, u64)>,
+    gateway: Option<std::collections::BTreeMap<String, scrape::Buckets>>,
+}
+
+impl Inside {
+    async fn take(path: Via, gateway: &Service) -> Self {
+        let histograms = match (path, &gateway.admin) {
+            (Via::Gateway, Some(admin)) => match scrape::metrics(admin).await {
+                Ok(histograms) => Some(histograms),
+                Err(error) => {
+                    eprintln!("gateway: no histograms for this phase: {error:#}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        Self {
+            ticks: scrape::cpu_ticks(),
+            gateway: histograms,
+        }
+    }
+
+    /// Records `{phase}_steal_percent`, and for the gateway each histogram's p99 (as the
+    /// bound of its bucket) and how many of its observations were stalls (over [`STALL`]).
+    fn record_since(&self, report: &mut Report, before: &Self, phase: &str) {
+        let steal = scrape::steal_percent(before.ticks, self.ticks);
+        report.figure(&format!("{phase}_steal_percent"), steal);
+        let (Some(now), Some(then)) = (&self.gateway, &before.gateway) else {
+            return;
+        };
+        let mut summary = Vec::new();
+        for (short, family) in GATEWAY_HISTOGRAMS {
+            let (Some(now), Some(then)) = (now.get(family), then.get(family)) else {
+                continue;
+            };
+            let phase_buckets = now.since(then);
+            let p99 = phase_buckets.quantile_bound(0.99).map(|s| s * 1e3);
+            let stalls = phase_buckets.above(STALL.as_secs_f64());
+            report.figure(&format!("{phase}_{short}_p99_bound_ms"), p99);
+            report.figure(&format!("{phase}_{short}_stalls"), stalls);
+            summary.push(format!(
+                "{short} p99 <= {} ms, {} over {} ms",
+                p99.map_or("-".into(), |p| format!("{p}")),
+                stalls.map_or("-".into(), |s| s.to_string()),
+                STALL.as_secs_f64() * 1e3,
+            ));
+        }
+        println!(
+            "gateway: {phase} inside the gateway: {}; host steal {steal:.1} %",
+            summary.join(", ")
+        );
+    }
 }
 
 /// CPU seconds used so far by every process of the run.

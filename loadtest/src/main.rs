@@ -11,6 +11,7 @@ mod gateway;
 mod metrics;
 mod notify;
 mod report;
+mod scrape;
 mod service;
 
 use std::{path::PathBuf, process::ExitCode};

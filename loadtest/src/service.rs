@@ -17,6 +17,8 @@ pub struct Service {
     child: Child,
     /// `host:port` it listens on.
     pub address: String,
+    /// `host:port` of its admin listener (Prometheus metrics), when it has one.
+    pub admin: Option<String>,
 }
 
 /// Finds `name` next to the loadtest binary (both live in `target/<profile>/`).
@@ -61,14 +63,13 @@ impl Service {
             .with_context(|| format!("failed to start {name}"))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let address = tokio::time::timeout(Duration::from_secs(10), async {
+        let (address, admin) = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(line) = lines.next_line().await? {
                 let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if log["fields"]["message"] == "listening" {
-                    return Ok(log["fields"]["addr"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned());
+                let fields = &log["fields"];
+                if fields["message"] == "listening" {
+                    let address = fields["addr"].as_str().unwrap_or_default().to_owned();
+                    return Ok((address, fields["admin"].as_str().map(str::to_owned)));
                 }
             }
             bail!("{name} exited before listening")
@@ -76,7 +77,11 @@ impl Service {
         .await
         .with_context(|| format!("{name} did not start listening within 10 s"))??;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { child, address })
+        Ok(Self {
+            child,
+            address,
+            admin,
+        })
     }
 
     /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.

@@ -1,0 +1,211 @@
+//! What a service and the machine say about a phase: Prometheus histograms scraped from a
+//! service's admin port before and after it, and the CPU time the host took from this guest.
+//!
+//! Both attribute a latency tail. A slow request the client saw that the service's own
+//! histogram did not see waited outside the service's handler (in the kernel, the runtime's
+//! queue, or the client); one the service saw in a dependency's histogram waited there. And
+//! while the host steals CPU time from the guest, every process of the run stalls at once.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+
+use crate::client::{self, Connection};
+
+/// Cumulative bucket counts by upper bound (seconds), summed over every label set of one
+/// histogram family.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Buckets(BTreeMap<u64, u64>);
+
+/// Bucket bounds are kept in nanoseconds: whole numbers order and compare exactly.
+fn nanos(seconds: f64) -> u64 {
+    (seconds * 1e9).round() as u64
+}
+
+impl Buckets {
+    /// Observations in all.
+    pub fn total(&self) -> u64 {
+        self.0.values().next_back().copied().unwrap_or(0)
+    }
+
+    /// Observations above `bound` seconds, which must be one of the family's bucket bounds.
+    pub fn above(&self, bound: f64) -> Option<u64> {
+        let at = self.0.get(&nanos(bound))?;
+        Some(self.total() - at)
+    }
+
+    /// The upper bound (seconds) of the bucket holding quantile `q`; None when empty, and
+    /// infinity when it lies beyond the last finite bound.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil() as u64;
+        self.0
+            .iter()
+            .find(|&(_, &count)| count >= rank)
+            .map(|(&bound, _)| {
+                if bound == u64::MAX {
+                    f64::INFINITY
+                } else {
+                    bound as f64 / 1e9
+                }
+            })
+    }
+
+    /// What was observed between `earlier` and `self` (counters only grow).
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(&bound, &count)| {
+                    let before = earlier.0.get(&bound).copied().unwrap_or(0);
+                    (bound, count.saturating_sub(before))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Every histogram family in a Prometheus text exposition, by name (without `_bucket`).
+pub fn histograms(exposition: &str) -> BTreeMap<String, Buckets> {
+    let mut families: BTreeMap<String, Buckets> = BTreeMap::new();
+    for line in exposition.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let Some(family) = name.strip_suffix("_bucket") else {
+            continue;
+        };
+        let Some(le) = labels
+            .split(',')
+            .find_map(|label| label.trim_end_matches('}').strip_prefix("le=\""))
+            .map(|le| le.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        let bound = if le == "+Inf" {
+            u64::MAX
+        } else {
+            match le.parse::<f64>() {
+                Ok(seconds) => nanos(seconds),
+                Err(_) => continue,
+            }
+        };
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        *families
+            .entry(family.to_owned())
+            .or_default()
+            .0
+            .entry(bound)
+            .or_default() += count as u64;
+    }
+    families
+}
+
+/// Scrapes `GET /metrics` from `admin` (`host:port`).
+pub async fn metrics(admin: &str) -> anyhow::Result<BTreeMap<String, Buckets>> {
+    let mut connection = Connection::open(admin).await?;
+    let (status, body) = connection
+        .send(&client::request("GET", "/metrics", "text/plain", b""))
+        .await
+        .with_context(|| format!("failed to scrape {admin}/metrics"))?;
+    anyhow::ensure!(status == 200, "{admin}/metrics answered {status}");
+    Ok(histograms(&String::from_utf8_lossy(&body)))
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat`: (all, stolen), in
+/// clock ticks. Steal is time the guest was ready to run but the host ran something else.
+pub fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let all = fields.iter().take(8).sum();
+    Some((all, *fields.get(7)?))
+}
+
+/// The share (%) of the machine's CPU time the host stole between two [`cpu_ticks`].
+pub fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
+    match (before, after) {
+        (Some((all0, steal0)), Some((all1, steal1))) if all1 > all0 => {
+            (steal1 - steal0) as f64 / (all1 - all0) as f64 * 100.0
+        }
+        _ => f64::NAN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXPOSITION: &str = "\
+# HELP api_gateway_limiter_redis_seconds Time of one decision.
+# TYPE api_gateway_limiter_redis_seconds histogram
+api_gateway_limiter_redis_seconds_sum 0.5
+api_gateway_limiter_redis_seconds_count 10
+api_gateway_limiter_redis_seconds_bucket{le=\"0.0001\"} 6
+api_gateway_limiter_redis_seconds_bucket{le=\"0.0002\"} 8
+api_gateway_limiter_redis_seconds_bucket{le=\"0.0128\"} 9
+api_gateway_limiter_redis_seconds_bucket{le=\"+Inf\"} 10
+api_gateway_http_request_duration_seconds_bucket{route=\"a\",le=\"0.0001\"} 1
+api_gateway_http_request_duration_seconds_bucket{route=\"a\",le=\"+Inf\"} 2
+api_gateway_http_request_duration_seconds_bucket{route=\"b\",le=\"0.0001\"} 3
+api_gateway_http_request_duration_seconds_bucket{route=\"b\",le=\"+Inf\"} 3
+api_gateway_limiter_decisions_total{by=\"redis\"} 7
+";
+
+    #[test]
+    fn histograms_are_summed_over_label_sets() {
+        let families = histograms(EXPOSITION);
+        assert_eq!(families.len(), 2);
+        let requests = &families["api_gateway_http_request_duration_seconds"];
+        assert_eq!(requests.total(), 5);
+        assert_eq!(requests.above(0.0001), Some(1));
+        let redis = &families["api_gateway_limiter_redis_seconds"];
+        assert_eq!(redis.total(), 10);
+        assert_eq!(redis.above(0.0128), Some(1));
+        assert_eq!(redis.above(0.0002), Some(2));
+        assert_eq!(redis.above(0.005), None, "not a bucket bound");
+    }
+
+    #[test]
+    fn quantiles_are_bucket_bounds() {
+        let redis = &histograms(EXPOSITION)["api_gateway_limiter_redis_seconds"];
+        assert_eq!(redis.quantile_bound(0.5), Some(0.0001));
+        assert_eq!(redis.quantile_bound(0.7), Some(0.0002));
+        assert_eq!(redis.quantile_bound(0.9), Some(0.0128));
+        assert_eq!(redis.quantile_bound(0.99), Some(f64::INFINITY));
+        assert_eq!(Buckets::default().quantile_bound(0.5), None);
+    }
+
+    #[test]
+    fn a_phase_is_the_difference_of_two_scrapes() {
+        let before = histograms(EXPOSITION);
+        let after = histograms(&EXPOSITION.replace("le=\"+Inf\"} 10", "le=\"+Inf\"} 14"));
+        let name = "api_gateway_limiter_redis_seconds";
+        let phase = after[name].since(&before[name]);
+        assert_eq!(phase.total(), 4);
+        assert_eq!(phase.above(0.0128), Some(4));
+        assert_eq!(phase.quantile_bound(0.5), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn steal_is_a_share_of_all_ticks() {
+        assert_eq!(steal_percent(Some((100, 5)), Some((300, 25))), 10.0);
+        assert!(steal_percent(None, Some((300, 25))).is_nan());
+        assert!(steal_percent(Some((300, 25)), Some((300, 25))).is_nan());
+        assert!(cpu_ticks().is_some_and(|(all, steal)| all >= steal));
+    }
+}
