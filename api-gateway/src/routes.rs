@@ -14,6 +14,7 @@
 //! Rules match by method and by path prefix on segment boundaries (`/api/orders` matches
 //! `/api/orders` and `/api/orders/7`, never `/api/ordersx`); the longest matching prefix
 //! wins, so rule order does not matter. A path no rule matches is refused: deny by default.
+//! A rule naming `GET` covers `HEAD` too, unless another rule for its prefix names `HEAD`.
 
 use axum::http::Method;
 use serde::Deserialize;
@@ -180,6 +181,9 @@ pub struct Rule {
     /// A stable name for logs, metrics and the rate-limit key: `METHODS prefix`.
     pub name: String,
     methods: Vec<Method>,
+    /// Whether `HEAD` is allowed as `GET` is: the rule names `GET`, and no rule for the same
+    /// prefix names `HEAD` itself (RFC 9110 §9.3.2: `HEAD` is `GET` without the body).
+    head_as_get: bool,
     prefix: String,
     roles: Vec<String>,
     /// The route's own quota, if it has one.
@@ -200,8 +204,10 @@ impl Rule {
     }
 
     fn covers(&self, method: &Method, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method))
-            && prefix_matches(&self.prefix, path)
+        let named = self.methods.is_empty()
+            || self.methods.contains(method)
+            || (self.head_as_get && method == Method::HEAD);
+        named && prefix_matches(&self.prefix, path)
     }
 }
 
@@ -275,11 +281,21 @@ impl RouteTable {
             };
             built.push(Rule {
                 name,
+                head_as_get: methods.contains(&Method::GET) && !methods.contains(&Method::HEAD),
                 methods,
                 prefix: spec.prefix,
                 roles: spec.roles,
                 limit: spec.limit,
             });
+        }
+        // A rule that names HEAD for a prefix decides HEAD there, not a GET rule beside it.
+        let head_rules: Vec<String> = built
+            .iter()
+            .filter(|rule| rule.methods.contains(&Method::HEAD))
+            .map(|rule| rule.prefix.clone())
+            .collect();
+        for rule in &mut built {
+            rule.head_as_get &= !head_rules.contains(&rule.prefix);
         }
         for mount in &mounts {
             check_prefix(&mount.prefix)?;
@@ -465,6 +481,43 @@ mod tests {
         assert_eq!(name(Method::POST, "/api/metrics/v1/aggregates"), None);
         assert_eq!(name(Method::GET, "/api/ordersx"), None);
         assert_eq!(name(Method::GET, "/api/analytics/x"), None);
+    }
+
+    #[test]
+    fn head_follows_get_unless_a_rule_names_head() {
+        let table = table();
+        let name = |method: Method, path: &str| table.rule(&method, path).map(|r| r.name.clone());
+        assert_eq!(
+            name(Method::HEAD, "/api/metrics/v1/aggregates").unwrap(),
+            "GET /api/metrics"
+        );
+        // POST's rule says nothing of HEAD; the longest GET rule above it decides.
+        assert_eq!(
+            name(Method::HEAD, "/api/metrics/v1/events").unwrap(),
+            "GET /api/metrics"
+        );
+        assert_eq!(name(Method::HEAD, "/api/unmounted"), None);
+
+        let rule = |methods: &[&str], roles: &[&str]| RuleSpec {
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            prefix: "/api/reports".into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            limit: None,
+        };
+        // Listed in either order, a rule naming HEAD decides HEAD for its prefix.
+        for rules in [
+            vec![rule(&["GET"], &["reader"]), rule(&["HEAD"], &["auditor"])],
+            vec![rule(&["HEAD"], &["auditor"]), rule(&["GET"], &["reader"])],
+        ] {
+            let table = RouteTable::new(rules, vec![]).unwrap();
+            let head = table.rule(&Method::HEAD, "/api/reports/1").unwrap();
+            assert!(head.allows(&["auditor"]) && !head.allows(&["reader"]));
+            let get = table.rule(&Method::GET, "/api/reports/1").unwrap();
+            assert!(get.allows(&["reader"]) && !get.allows(&["auditor"]));
+        }
+        // A rule without GET grants no HEAD.
+        let table = RouteTable::new(vec![rule(&["POST"], &["writer"])], vec![]).unwrap();
+        assert!(table.rule(&Method::HEAD, "/api/reports").is_none());
     }
 
     #[test]

@@ -129,6 +129,10 @@ async fn rbac_allows_by_role_and_denies_by_default() {
         ("DELETE", "/api/orders/1", &user, 403),
         ("DELETE", "/api/orders/1", &admin, 200),
         ("GET", "/api/orders/1", &nobody, 403),
+        // HEAD is GET without the body, and is allowed and refused as GET is.
+        ("HEAD", "/api/orders/1", &user, 200),
+        ("HEAD", "/api/orders/1", &nobody, 403),
+        ("HEAD", "/api/analytics/reports", &user, 403),
         ("GET", "/api/analytics/reports", &user, 403),
         ("GET", "/api/metrics/v1/aggregates", &user, 403),
         ("POST", "/api/metrics/v1/events", &user, 403),
@@ -146,7 +150,9 @@ async fn rbac_allows_by_role_and_denies_by_default() {
             .await
             .unwrap();
         assert_eq!(response.status(), status, "{method} {path}");
-        if status == 403 {
+        if method == "HEAD" {
+            assert!(response.bytes().await.unwrap().is_empty(), "HEAD {path}");
+        } else if status == 403 {
             problem(response, 403, None).await;
         }
     }
