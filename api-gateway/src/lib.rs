@@ -5,13 +5,14 @@
 //! - [`store`]: users and refresh-token families (rotation with reuse detection).
 //! - [`routes`]: path normalisation and the RBAC route table; [`config`]: the route file.
 //! - [`authn`]: access tokens (cached verification) and API keys.
-//! - [`audit`]: the hash-chained audit trail.
+//! - [`audit`]: the hash-chained audit trail; [`client_ip`]: who a request comes from.
 //! - [`limiter`]: rate limits shared by every replica through Redis, with a local fallback.
 //! - [`http`]: the public router and the admin router.
 //! - [`proxy`]: forwarding `/api/*` to upstream pools (sticky hashing, breakers, health checks).
 
 pub mod audit;
 pub mod authn;
+pub mod client_ip;
 pub mod config;
 pub mod http;
 pub mod limiter;

@@ -53,6 +53,11 @@ pub struct Settings {
     /// Browser origins allowed to call the gateway (CORS), comma-separated; none by default.
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` is believed (addresses or
+    /// networks, comma-separated: `10.0.0.0/8,::1`); none by default, so the TCP peer is the
+    /// client for the per-IP limit and the audit log.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::client_ip::Network>,
     /// Verified access tokens remembered, so a signature is checked once per token.
     #[arg(long, env = "TOKEN_CACHE_SIZE", default_value_t = 65_536)]
     pub token_cache_size: usize,
@@ -177,7 +182,29 @@ impl Settings {
         settings.redis_url = None;
         settings.gateway_config = None;
         settings.cors_allowed_origins = Vec::new();
+        settings.trusted_proxies = Vec::new();
         settings.rate_limit_prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
         settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(args: &[&str]) -> Result<Settings, clap::Error> {
+        let base = ["api-gateway", "--database-url", "postgres://x/y"];
+        Settings::try_parse_from(base.iter().chain(args))
+    }
+
+    #[test]
+    fn trusted_proxies_are_a_list_of_networks_and_bad_ones_stop_the_start() {
+        let settings = with(&["--trusted-proxies", "10.0.0.0/8,::1"]).unwrap();
+        assert_eq!(settings.trusted_proxies.len(), 2);
+        assert!(settings.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+        assert!(settings.trusted_proxies[1].contains("::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "proxy.internal", "10.0.0.0/8,,"] {
+            assert!(with(&["--trusted-proxies", bad]).is_err(), "{bad}");
+        }
     }
 }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     audit::{Audit, AuditWriter},
     authn::{KeyCache, TokenCache},
+    client_ip::TrustedProxies,
     config::GatewayConfig,
     http::{AppState, AuthSettings, Parts, PublicService, admin_router},
     limiter::{Limiter, LimiterSettings, SystemClock},
@@ -110,6 +111,7 @@ impl Application {
                     max_body_bytes: settings.max_body_bytes,
                     request_timeout: settings.request_timeout,
                     cors_allowed_origins: settings.cors_allowed_origins.clone(),
+                    trusted_proxies: TrustedProxies::new(settings.trusted_proxies.clone()),
                 },
             },
             registry,

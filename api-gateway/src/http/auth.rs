@@ -65,7 +65,7 @@ pub async fn login(
         count(&state.metrics.logins, "invalid_credentials");
         state.audit.record(
             Event::new("login", "failure")
-                .ip(Some(peer.ip()))
+                .ip(Some(state.client_ip(peer, &headers)))
                 .detail(format!("user name {username:?}")),
         );
         return Err(invalid_credentials());
@@ -81,7 +81,7 @@ pub async fn login(
     state.audit.record(
         Event::new("login", "success")
             .subject(user.id.to_string())
-            .ip(Some(peer.ip())),
+            .ip(Some(state.client_ip(peer, &headers))),
     );
     token_pair(&state, &user, refresh)
 }
@@ -94,7 +94,7 @@ pub async fn refresh(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let presented = refresh_token_body(&headers, body)?;
-    let ip = Some(peer.ip());
+    let ip = Some(state.client_ip(peer, &headers));
     let (next, next_hash) = new_refresh_token();
     let rotation = state
         .store
@@ -170,14 +170,16 @@ pub async fn logout(
             .detail(format!("family {family_id}")),
         None => Event::new("logout", "unknown_token"),
     };
-    state.audit.record(event.ip(Some(peer.ip())));
+    state
+        .audit
+        .record(event.ip(Some(state.client_ip(peer, &headers))));
     // The same answer for an unknown token: logout reveals nothing about which tokens exist.
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// The per-IP quota on `/auth/*`, against password guessing and token stuffing.
 pub async fn limit_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let ip = super::gateway::client_ip(&request);
+    let ip = state.request_ip(&request);
     let key = match ip {
         Some(ip) => format!("ip:{ip}"),
         None => "ip:unknown".to_owned(),

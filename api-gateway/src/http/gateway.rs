@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 
 use axum::{
-    extract::{ConnectInfo, Request},
+    extract::Request,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -29,7 +29,7 @@ pub struct Proxied;
 
 /// Every proxied request.
 pub async fn forward(state: &AppState, request: Request) -> Response {
-    let ip = client_ip(&request);
+    let ip = state.request_ip(&request);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let what = || format!("{method} {path}");
@@ -259,14 +259,6 @@ fn query_token(query: &str) -> Option<String> {
             .then(|| value.to_owned())
             .filter(|v| !v.is_empty())
     })
-}
-
-/// The peer's address, as `common::http::serve` recorded it.
-pub fn client_ip(request: &Request) -> Option<IpAddr> {
-    request
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|ConnectInfo(peer)| peer.ip())
 }
 
 /// 401 with the challenge RFC 6750 asks for.

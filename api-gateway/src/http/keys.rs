@@ -40,7 +40,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let ip = Some(peer.ip());
+    let ip = Some(state.client_ip(peer, &headers));
     let admin = match admin(&state, &headers, ip, "POST /admin/api-keys").await {
         Ok(admin) => admin,
         Err(response) => return response,
@@ -155,7 +155,7 @@ pub async fn list(
     query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let ip = Some(peer.ip());
+    let ip = Some(state.client_ip(peer, &headers));
     if let Err(response) = admin(&state, &headers, ip, "GET /admin/api-keys").await {
         return response;
     }
@@ -200,7 +200,7 @@ pub async fn revoke(
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let ip = Some(peer.ip());
+    let ip = Some(state.client_ip(peer, &headers));
     let admin = match admin(&state, &headers, ip, "DELETE /admin/api-keys").await {
         Ok(admin) => admin,
         Err(response) => return response,

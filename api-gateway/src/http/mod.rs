@@ -27,6 +27,7 @@ mod keys;
 use std::{
     borrow::Cow,
     convert::Infallible,
+    net::{IpAddr, SocketAddr},
     ops::Deref,
     sync::{
         Arc,
@@ -38,8 +39,8 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Request, State},
-    http::{HeaderName, HeaderValue, Method, Uri, header},
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header},
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::{delete, get, post},
@@ -62,6 +63,7 @@ use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use crate::{
     audit::Audit,
     authn::{KeyCache, TokenCache},
+    client_ip::TrustedProxies,
     config::Limits,
     limiter::Limiter,
     proxy::Proxy,
@@ -134,6 +136,8 @@ pub struct AuthSettings {
     pub request_timeout: std::time::Duration,
     /// Origins allowed to call from a browser (CORS); empty: none.
     pub cors_allowed_origins: Vec<String>,
+    /// Whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// Everything the handlers share; the parts are built by `startup`.
@@ -212,6 +216,18 @@ impl AppState {
             registry: Arc::new(registry),
             ready: Arc::new(AtomicBool::new(true)),
         }))
+    }
+
+    /// The client's address for a request from `peer`: the peer itself, unless it is a
+    /// trusted proxy and `X-Forwarded-For` says more (see [`crate::client_ip`]).
+    pub fn client_ip(&self, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+        self.settings.trusted_proxies.client(peer.ip(), headers)
+    }
+
+    /// [`AppState::client_ip`] for a request whose peer `common::http::serve` recorded.
+    pub fn request_ip(&self, request: &Request) -> Option<IpAddr> {
+        let ConnectInfo(peer) = request.extensions().get::<ConnectInfo<SocketAddr>>()?;
+        Some(self.client_ip(*peer, request.headers()))
     }
 
     /// The flag `/readyz` reports; cleared when shutdown starts.

@@ -344,6 +344,68 @@ async fn auth_endpoints_are_limited_per_ip() {
     assert_eq!(app.refresh("anything").await.status(), 429);
 }
 
+/// A failed login claiming to come from `forwarded_for`; the status it got.
+async fn login_from(app: &TestApp, forwarded_for: &str) -> u16 {
+    app.client
+        .post(format!("{}/auth/login", app.address))
+        .header("x-forwarded-for", forwarded_for)
+        .json(&serde_json::json!({ "username": "nobody", "password": "wrong password" }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
+    // Not trusted (the default): a client cannot escape its quota by claiming addresses.
+    let app = spawn_app_with(|_, config| config.limits.auth_ip.limit = 2).await;
+    assert_eq!(login_from(&app, "203.0.113.1").await, 401);
+    assert_eq!(login_from(&app, "203.0.113.2").await, 401);
+    assert_eq!(login_from(&app, "203.0.113.3").await, 429);
+    app.shut_down().await;
+
+    // The test client's 127.0.0.1 as a trusted proxy: each forwarded client has its own
+    // quota, and the audit log names it.
+    let app = spawn_app_with(|settings, config| {
+        settings.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        config.limits.auth_ip.limit = 2;
+    })
+    .await;
+    assert_eq!(login_from(&app, "203.0.113.1").await, 401);
+    assert_eq!(login_from(&app, "203.0.113.1").await, 401);
+    assert_eq!(login_from(&app, "203.0.113.1").await, 429);
+    // What a client wrote left of the proxy's entry is not believed.
+    assert_eq!(login_from(&app, "198.51.100.9, 203.0.113.1").await, 429);
+    assert_eq!(login_from(&app, "203.0.113.2").await, 401);
+    // A garbled list stops at the proxy that wrote it: the proxy's own quota.
+    assert_eq!(login_from(&app, "203.0.113.3, not-an-address").await, 401);
+    assert_eq!(login_from(&app, "203.0.113.4:1234").await, 401);
+    assert_eq!(login_from(&app, "").await, 429);
+    let database_url = app.database_url.clone();
+    app.shut_down().await;
+
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let ips: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT ip FROM audit_log WHERE action = 'login' AND outcome = 'failure' ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let ips: Vec<&str> = ips.iter().map(|ip| ip.as_deref().unwrap_or("-")).collect();
+    assert_eq!(
+        ips,
+        [
+            "203.0.113.1",
+            "203.0.113.1",
+            "203.0.113.2",
+            "127.0.0.1",
+            "127.0.0.1"
+        ]
+    );
+}
+
 #[tokio::test]
 async fn cors_answers_allowed_origins_only() {
     let app = spawn_app_with(|settings, _| {
