@@ -7,8 +7,8 @@
 //! are cached: a bad token is checked (and refused) every time.
 //!
 //! API keys are looked up by their SHA-256; [`KeyCache`] keeps found keys for a few seconds.
-//! A revocation on this replica evicts the key at once; other replicas notice within
-//! `API_KEY_CACHE_TTL`.
+//! A revocation evicts the key at once on this replica and, through Redis, on the others
+//! ([`crate::revocations`]); without Redis they notice within `API_KEY_CACHE_TTL`.
 
 use std::{
     collections::HashMap,
@@ -211,9 +211,14 @@ impl KeyCache {
         Ok(Some(key))
     }
 
-    /// Forgets the key `id` (after a revocation here).
+    /// Forgets the key `id` (after a revocation here or on another replica).
     pub fn evict(&self, id: Uuid) {
         self.entries.lock().retain(|_, (_, key)| key.id != id);
+    }
+
+    /// Forgets every key (revocations may have been missed).
+    pub fn clear(&self) {
+        self.entries.lock().clear();
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`authn`]: access tokens (cached verification) and API keys.
 //! - [`audit`]: the hash-chained audit trail; [`client_ip`]: who a request comes from.
 //! - [`limiter`]: rate limits shared by every replica through Redis, with a local fallback.
+//! - [`revocations`]: API-key revocations told to every replica through Redis.
 //! - [`http`]: the public router and the admin router.
 //! - [`proxy`]: forwarding `/api/*` to upstream pools (sticky hashing, breakers, health checks).
 
@@ -18,6 +19,7 @@ pub mod http;
 pub mod limiter;
 pub mod passwords;
 pub mod proxy;
+pub mod revocations;
 pub mod routes;
 pub mod settings;
 pub mod startup;

@@ -22,6 +22,7 @@ use crate::{
     limiter::{Limiter, LimiterSettings, SystemClock},
     passwords,
     proxy::{Proxy, UpstreamSettings},
+    revocations::Revocations,
     settings::Settings,
     store::Store,
 };
@@ -34,6 +35,7 @@ pub struct Application {
     settings: Settings,
     proxy: Proxy,
     audit_writer: AuditWriter,
+    revocations: Option<Arc<Revocations>>,
 }
 
 impl Application {
@@ -94,10 +96,21 @@ impl Application {
         let proxy = Proxy::new(upstreams, &mut registry)?;
         let (audit, audit_writer) = Audit::new(store.pool().clone(), &mut registry);
         let verifier = issuer.verifier()?;
+        let keys = Arc::new(KeyCache::new(settings.api_key_cache_ttl, 100_000));
+        let revocations = match &settings.redis_url {
+            Some(url) => Some(Arc::new(Revocations::new(
+                url,
+                &settings.rate_limit_prefix,
+                Arc::clone(&keys),
+                &mut registry,
+            )?)),
+            None => None,
+        };
         let state = AppState::new(
             Parts {
                 tokens: TokenCache::new(verifier, 30, settings.token_cache_size),
-                keys: KeyCache::new(settings.api_key_cache_ttl, 100_000),
+                keys,
+                revocations: revocations.clone(),
                 store,
                 issuer,
                 table,
@@ -123,6 +136,7 @@ impl Application {
             settings,
             proxy,
             audit_writer,
+            revocations,
         })
     }
 
@@ -156,6 +170,10 @@ impl Application {
         let proxy_tasks = self.proxy.start(stop_proxy.clone());
         let stop_audit = CancellationToken::new();
         let audit_writer = tokio::spawn(self.audit_writer.run(stop_audit.clone()));
+        let stop_revocations = CancellationToken::new();
+        let revocations = self
+            .revocations
+            .map(|revocations| tokio::spawn(revocations.listen(stop_revocations.clone())));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let ready = self.state.readiness();
         let admin = {
@@ -191,6 +209,10 @@ impl Application {
         drop(stop_rx);
         stop_proxy.cancel();
         let _ = proxy_tasks.await;
+        stop_revocations.cancel();
+        if let Some(revocations) = revocations {
+            let _ = revocations.await;
+        }
         // No request is left to record anything: the writer flushes what is queued and ends.
         stop_audit.cancel();
         if tokio::time::timeout(Duration::from_secs(5), audit_writer)

@@ -192,8 +192,9 @@ pub async fn list(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// `DELETE /admin/api-keys/{id}`: 204, and the key stops working (at once on this replica,
-/// within `API_KEY_CACHE_TTL` on the others); 404 for an unknown id.
+/// `DELETE /admin/api-keys/{id}`: 204, and the key stops working: at once on this replica,
+/// as soon as the Redis message arrives on the others (within `API_KEY_CACHE_TTL` without
+/// Redis); 404 for an unknown id.
 pub async fn revoke(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -211,6 +212,9 @@ pub async fn revoke(
     match state.store.revoke_api_key(id).await {
         Ok(Some(_)) => {
             state.keys.evict(id);
+            if let Some(revocations) = &state.revocations {
+                revocations.publish(id).await;
+            }
             state.audit.record(
                 Event::new("api_key.revoke", "success")
                     .subject(&admin.sub)

@@ -67,6 +67,7 @@ use crate::{
     config::Limits,
     limiter::Limiter,
     proxy::Proxy,
+    revocations::Revocations,
     routes::{self, RouteTable},
     store::Store,
     tokens::TokenIssuer,
@@ -149,7 +150,9 @@ pub struct Parts {
     /// Verifies them (cached).
     pub tokens: TokenCache,
     /// Finds API keys (cached).
-    pub keys: KeyCache,
+    pub keys: Arc<KeyCache>,
+    /// Tells other replicas about revoked keys; none without Redis.
+    pub revocations: Option<Arc<Revocations>>,
     /// Route table.
     pub table: RouteTable,
     /// Default quotas.
@@ -174,6 +177,7 @@ pub struct Shared {
     issuer: Arc<TokenIssuer>,
     tokens: Arc<TokenCache>,
     keys: Arc<KeyCache>,
+    revocations: Option<Arc<Revocations>>,
     table: Arc<RouteTable>,
     limits: Limits,
     limiter: Limiter,
@@ -204,7 +208,8 @@ impl AppState {
             store: parts.store,
             issuer: Arc::new(parts.issuer),
             tokens: Arc::new(parts.tokens),
-            keys: Arc::new(parts.keys),
+            keys: parts.keys,
+            revocations: parts.revocations,
             table: Arc::new(parts.table),
             limits: parts.limits,
             limiter: parts.limiter,

@@ -58,8 +58,17 @@ pub async fn spawn_app() -> TestApp {
 /// A gateway on a fresh database, with Redis, every upstream mounted on one echo server;
 /// `configure` may change the settings and the route file first.
 pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings, &mut GatewayConfig)) -> TestApp {
+    spawn_app_on(&fresh_database().await, configure).await
+}
+
+/// Like [`spawn_app_with`], on an existing database: another replica of the same gateway
+/// (give both the same `rate_limit_prefix` to share the Redis state too).
+pub async fn spawn_app_on(
+    database_url: &str,
+    configure: impl FnOnce(&mut Settings, &mut GatewayConfig),
+) -> TestApp {
     require_redis().await;
-    let database_url = fresh_database().await;
+    let database_url = database_url.to_owned();
     let upstream = spawn_echo_upstream().await;
     let mut settings = Settings::for_tests(&database_url);
     settings.redis_url = Some(test_redis_url());

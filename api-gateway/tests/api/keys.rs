@@ -1,6 +1,8 @@
 //! API keys: admin endpoints, authenticating with a key, its own quota, revocation; and the
 //! audit trail with its hash chain.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -127,6 +129,146 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
         .await
         .unwrap();
     problem(again, 404, None).await;
+}
+
+/// `app`'s answer to `GET /api/analytics/daily` with `key`.
+async fn status_with_key(app: &TestApp, key: &str) -> u16 {
+    app.client
+        .get(format!("{}/api/analytics/daily", app.address))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Polls `app` until `key` is refused; how long that took, or None within `limit`.
+async fn refused_within(app: &TestApp, key: &str, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if status_with_key(app, key).await == 401 {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn metrics_of(app: &TestApp) -> String {
+    app.client
+        .get(format!("{}/metrics", app.admin_address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn revoke(app: &TestApp, admin: &Admin, id: &str) -> u16 {
+    app.client
+        .delete(format!("{}/admin/api-keys/{id}", app.address))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_the_other_replicas_through_redis_not_after_the_cache_ttl() {
+    // Two replicas of one gateway; a found key would be trusted for five minutes.
+    let prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
+    let replica = |prefix: String| {
+        move |settings: &mut api_gateway::Settings, _: &mut api_gateway::config::GatewayConfig| {
+            settings.rate_limit_prefix = prefix;
+            settings.api_key_cache_ttl = Duration::from_secs(300);
+        }
+    };
+    let a = spawn_app_with(replica(prefix.clone())).await;
+    let b = spawn_app_on(&a.database_url, replica(prefix.clone())).await;
+    // b subscribes in the background once it runs; a message published before is not its.
+    let started = Instant::now();
+    while !metrics_of(&b)
+        .await
+        .contains("api_gateway_api_key_revocations_subscribed 1")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "b never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = admin(&a).await;
+    let created: Value = create_key(
+        &a,
+        &admin.token,
+        &json!({ "name": "job", "roles": ["analyst"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(status_with_key(&b, key).await, 200, "cached on b now");
+
+    assert_eq!(
+        revoke(&a, &admin, created["id"].as_str().unwrap()).await,
+        204
+    );
+    assert_eq!(
+        status_with_key(&a, key).await,
+        401,
+        "refused at once where revoked"
+    );
+    let took = refused_within(&b, key, Duration::from_secs(10)).await;
+    assert!(
+        took.is_some(),
+        "b still accepts the key 10 s after its revocation"
+    );
+    let metrics = metrics_of(&b).await;
+    assert!(
+        metrics.contains("api_gateway_api_key_revocations_received_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("api_gateway_api_key_revocations_subscribed 1"));
+}
+
+#[tokio::test]
+async fn without_redis_a_revocation_reaches_the_other_replicas_within_the_cache_ttl() {
+    // b cannot reach Redis (nothing listens on port 1): only its cache TTL bounds a stale key.
+    let a = spawn_app_with(|settings, _| settings.api_key_cache_ttl = Duration::from_secs(1)).await;
+    let b = spawn_app_on(&a.database_url, |settings, _| {
+        settings.redis_url = Some("redis://127.0.0.1:1".into());
+        settings.api_key_cache_ttl = Duration::from_secs(1);
+    })
+    .await;
+    let admin = admin(&a).await;
+    let created: Value = create_key(
+        &a,
+        &admin.token,
+        &json!({ "name": "job", "roles": ["analyst"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let key = created["key"].as_str().unwrap();
+    assert_eq!(status_with_key(&b, key).await, 200);
+    assert_eq!(
+        revoke(&a, &admin, created["id"].as_str().unwrap()).await,
+        204
+    );
+    assert!(
+        refused_within(&b, key, Duration::from_secs(3))
+            .await
+            .is_some(),
+        "b still accepts the key 3 s after its revocation, with a 1 s cache TTL"
+    );
+    let metrics = metrics_of(&b).await;
+    assert!(metrics.contains("api_gateway_api_key_revocations_subscribed 0"));
 }
 
 #[tokio::test]

@@ -1,0 +1,164 @@
+//! API-key revocations, told to every replica at once through Redis pub/sub.
+//!
+//! Each replica keeps found API keys for `API_KEY_CACHE_TTL` ([`KeyCache`]). The replica that
+//! revokes a key evicts it at once; without more, the others would go on accepting it until
+//! their entry expires. So the revoking replica publishes the key's id on
+//! `<RATE_LIMIT_PREFIX>api-key-revocations`, and every replica subscribed there evicts it as
+//! the message arrives, within milliseconds.
+//!
+//! The message is a hint, never the authority: PostgreSQL holds the revocation, and the
+//! cache's TTL still bounds how long a missed message can matter. When the subscription
+//! breaks (Redis down), messages published meanwhile are lost, so on subscribing again the
+//! replica drops its whole cache. A publish that fails is logged; the TTL covers it.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt as _;
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+use redis::AsyncCommands as _;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::authn::KeyCache;
+
+/// Longest a revocation waits on Redis to publish (the revocation itself is committed).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts to subscribe again.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The channel, and what it needs to publish and listen.
+pub struct Revocations {
+    client: redis::Client,
+    channel: String,
+    keys: Arc<KeyCache>,
+    subscribed: Gauge,
+    received: Counter,
+    publish_failures: Counter,
+}
+
+impl Revocations {
+    /// Revocations over the Redis at `redis_url`, on the channel of replicas sharing
+    /// `prefix`, evicting from `keys`.
+    pub fn new(
+        redis_url: &str,
+        prefix: &str,
+        keys: Arc<KeyCache>,
+        registry: &mut Registry,
+    ) -> anyhow::Result<Self> {
+        let client = redis::Client::open(redis_url).map_err(|error| {
+            anyhow::anyhow!(
+                "invalid REDIS_URL {}: {error}",
+                common::config::redact_url(redis_url)
+            )
+        })?;
+        let this = Self {
+            client,
+            channel: format!("{prefix}api-key-revocations"),
+            keys,
+            subscribed: Gauge::default(),
+            received: Counter::default(),
+            publish_failures: Counter::default(),
+        };
+        registry.register(
+            "api_key_revocations_subscribed",
+            "1 while revocations from other replicas arrive through Redis, 0 while only the cache TTL applies",
+            this.subscribed.clone(),
+        );
+        registry.register(
+            "api_key_revocations_received",
+            "API-key revocations other replicas published, evicted here",
+            this.received.clone(),
+        );
+        registry.register(
+            "api_key_revocation_publish_failures",
+            "Revocations made here that could not be published (other replicas wait out the TTL)",
+            this.publish_failures.clone(),
+        );
+        Ok(this)
+    }
+
+    /// Tells every replica that key `id` is revoked. Best effort: a failure is logged and
+    /// counted, and the other replicas stop accepting the key within the cache TTL.
+    pub async fn publish(&self, id: Uuid) {
+        let publish = async {
+            let mut connection = self.client.get_multiplexed_async_connection().await?;
+            connection
+                .publish::<_, _, i64>(&self.channel, id.to_string())
+                .await
+        };
+        let error = match tokio::time::timeout(PUBLISH_TIMEOUT, publish).await {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        self.publish_failures.inc();
+        tracing::warn!(%id, %error, "API-key revocation not published; other replicas wait out the cache TTL");
+    }
+
+    /// Listens until `stop`, subscribing again whenever the subscription breaks.
+    pub async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut was_up = true;
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(&self.channel).await {
+                    Ok(()) => {
+                        // Whatever was published while we were not listening is lost.
+                        self.keys.clear();
+                        self.subscribed.set(1);
+                        if !was_up {
+                            tracing::info!("API-key revocations arrive through Redis again");
+                        }
+                        was_up = true;
+                        backoff = Duration::from_millis(100);
+                        let mut messages = pubsub.on_message();
+                        loop {
+                            let message = tokio::select! {
+                                () = stop.cancelled() => return,
+                                message = messages.next() => message,
+                            };
+                            let Some(message) = message else { break };
+                            let id = message
+                                .get_payload::<String>()
+                                .ok()
+                                .and_then(|text| text.parse::<Uuid>().ok());
+                            match id {
+                                Some(id) => {
+                                    self.keys.evict(id);
+                                    self.received.inc();
+                                }
+                                None => tracing::warn!("unreadable API-key revocation ignored"),
+                            }
+                        }
+                    }
+                    Err(error) => self.lost(&mut was_up, &error.to_string()),
+                },
+                Err(error) => self.lost(&mut was_up, &error.to_string()),
+            }
+            self.subscribed.set(0);
+            if was_up {
+                self.lost(&mut was_up, "the subscription ended");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Logs the first failure of an outage, not every retry.
+    fn lost(&self, was_up: &mut bool, error: &str) {
+        self.subscribed.set(0);
+        if *was_up {
+            tracing::warn!(
+                %error,
+                "API-key revocations from other replicas now wait out the cache TTL"
+            );
+        }
+        *was_up = false;
+    }
+}
