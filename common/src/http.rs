@@ -62,8 +62,14 @@ pub mod request_id {
 }
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
-pub async fn request_context(request: Request, next: Next) -> Response {
-    in_request_context(request, |request| next.run(request)).await
+///
+/// A plain function returning [`in_request_context`]'s future, not an `async fn` awaiting
+/// it: that would store the handler's future a second time.
+pub fn request_context(
+    request: Request,
+    next: Next,
+) -> impl Future<Output = Response> + Send + 'static {
+    in_request_context(request, |request| next.run(request))
 }
 
 /// What [`request_context`] does, around any handler: for a service that dispatches
