@@ -432,13 +432,16 @@ mod tests {
         }
     }
 
-    fn table() -> RouteTable {
-        let rule = |methods: &[&str], prefix: &str, roles: &[&str]| RuleSpec {
+    fn rule(methods: &[&str], prefix: &str, roles: &[&str]) -> RuleSpec {
+        RuleSpec {
             methods: methods.iter().map(|m| m.to_string()).collect(),
             prefix: prefix.into(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             limit: None,
-        };
+        }
+    }
+
+    fn table() -> RouteTable {
         RouteTable::new(
             vec![
                 rule(&[], "/api/orders", &["user", "admin"]),
@@ -498,12 +501,7 @@ mod tests {
         );
         assert_eq!(name(Method::HEAD, "/api/unmounted"), None);
 
-        let rule = |methods: &[&str], roles: &[&str]| RuleSpec {
-            methods: methods.iter().map(|m| m.to_string()).collect(),
-            prefix: "/api/reports".into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            limit: None,
-        };
+        let rule = |methods: &[&str], roles: &[&str]| rule(methods, "/api/reports", roles);
         // Listed in either order, a rule naming HEAD decides HEAD for its prefix.
         for rules in [
             vec![rule(&["GET"], &["reader"]), rule(&["HEAD"], &["auditor"])],

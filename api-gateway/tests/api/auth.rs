@@ -157,15 +157,7 @@ async fn refresh_rotates_and_an_old_token_replayed_after_two_rotations_revokes_t
             .status(),
         200
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("api_gateway_refreshes_total{outcome=\"reuse_detected\"} 1"),
         "{metrics}"

@@ -159,6 +159,18 @@ pub fn token_with(sub: &str, roles: &[&str], change: impl FnOnce(&mut Claims)) -
 }
 
 impl TestApp {
+    /// The Prometheus page of the admin listener.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.admin_address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `GET path` with `Authorization: Bearer token`.
     pub async fn get_as(&self, path: &str, token: &str) -> reqwest::Response {
         self.client

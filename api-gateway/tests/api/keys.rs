@@ -155,15 +155,19 @@ async fn refused_within(app: &TestApp, key: &str, limit: Duration) -> Option<Dur
     None
 }
 
-async fn metrics_of(app: &TestApp) -> String {
-    app.client
-        .get(format!("{}/metrics", app.admin_address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+/// A new key for role `analyst`, created on `app`: the key and its id.
+async fn analyst_key(app: &TestApp, admin: &Admin) -> (String, String) {
+    let created: Value = create_key(
+        app,
+        &admin.token,
+        &json!({ "name": "job", "roles": ["analyst"] }),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let text = |field: &str| created[field].as_str().unwrap().to_owned();
+    (text("key"), text("id"))
 }
 
 async fn revoke(app: &TestApp, admin: &Admin, id: &str) -> u16 {
@@ -191,7 +195,8 @@ async fn a_revocation_reaches_the_other_replicas_through_redis_not_after_the_cac
     let b = spawn_app_on(&a.database_url, replica(prefix.clone())).await;
     // b subscribes in the background once it runs; a message published before is not its.
     let started = Instant::now();
-    while !metrics_of(&b)
+    while !b
+        .metrics()
         .await
         .contains("api_gateway_api_key_revocations_subscribed 1")
     {
@@ -202,33 +207,23 @@ async fn a_revocation_reaches_the_other_replicas_through_redis_not_after_the_cac
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let admin = admin(&a).await;
-    let created: Value = create_key(
-        &a,
-        &admin.token,
-        &json!({ "name": "job", "roles": ["analyst"] }),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let key = created["key"].as_str().unwrap();
+    let (key, id) = analyst_key(&a, &admin).await;
+    let key = key.as_str();
     assert_eq!(status_with_key(&b, key).await, 200, "cached on b now");
 
-    assert_eq!(
-        revoke(&a, &admin, created["id"].as_str().unwrap()).await,
-        204
-    );
+    assert_eq!(revoke(&a, &admin, &id).await, 204);
     assert_eq!(
         status_with_key(&a, key).await,
         401,
         "refused at once where revoked"
     );
-    let took = refused_within(&b, key, Duration::from_secs(10)).await;
     assert!(
-        took.is_some(),
+        refused_within(&b, key, Duration::from_secs(10))
+            .await
+            .is_some(),
         "b still accepts the key 10 s after its revocation"
     );
-    let metrics = metrics_of(&b).await;
+    let metrics = b.metrics().await;
     assert!(
         metrics.contains("api_gateway_api_key_revocations_received_total 1"),
         "{metrics}"
@@ -246,28 +241,17 @@ async fn without_redis_a_revocation_reaches_the_other_replicas_within_the_cache_
     })
     .await;
     let admin = admin(&a).await;
-    let created: Value = create_key(
-        &a,
-        &admin.token,
-        &json!({ "name": "job", "roles": ["analyst"] }),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    let key = created["key"].as_str().unwrap();
+    let (key, id) = analyst_key(&a, &admin).await;
+    let key = key.as_str();
     assert_eq!(status_with_key(&b, key).await, 200);
-    assert_eq!(
-        revoke(&a, &admin, created["id"].as_str().unwrap()).await,
-        204
-    );
+    assert_eq!(revoke(&a, &admin, &id).await, 204);
     assert!(
         refused_within(&b, key, Duration::from_secs(3))
             .await
             .is_some(),
         "b still accepts the key 3 s after its revocation, with a 1 s cache TTL"
     );
-    let metrics = metrics_of(&b).await;
+    let metrics = b.metrics().await;
     assert!(metrics.contains("api_gateway_api_key_revocations_subscribed 0"));
 }
 
