@@ -98,56 +98,56 @@ impl Revocations {
         tracing::warn!(%id, %error, "API-key revocation not published; other replicas wait out the cache TTL");
     }
 
-    /// Listens until `stop`, subscribing again whenever the subscription breaks.
+    /// Listens until `stop`, subscribing again whenever the subscription breaks. Connecting
+    /// to a Redis that does not answer can take long; `stop` ends that too.
     pub async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = self.listen_forever() => {}
+        }
+    }
+
+    async fn listen_forever(&self) {
         let mut backoff = Duration::from_millis(100);
         let mut was_up = true;
         loop {
-            match self.client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(&self.channel).await {
-                    Ok(()) => {
-                        // Whatever was published while we were not listening is lost.
-                        self.keys.clear();
-                        self.subscribed.set(1);
-                        if !was_up {
-                            tracing::info!("API-key revocations arrive through Redis again");
-                        }
-                        was_up = true;
-                        backoff = Duration::from_millis(100);
-                        let mut messages = pubsub.on_message();
-                        loop {
-                            let message = tokio::select! {
-                                () = stop.cancelled() => return,
-                                message = messages.next() => message,
-                            };
-                            let Some(message) = message else { break };
-                            let id = message
-                                .get_payload::<String>()
-                                .ok()
-                                .and_then(|text| text.parse::<Uuid>().ok());
-                            match id {
-                                Some(id) => {
-                                    self.keys.evict(id);
-                                    self.received.inc();
-                                }
-                                None => tracing::warn!("unreadable API-key revocation ignored"),
+            match self.subscribe().await {
+                Ok(mut pubsub) => {
+                    // Whatever was published while we were not listening is lost.
+                    self.keys.clear();
+                    self.subscribed.set(1);
+                    if !was_up {
+                        tracing::info!("API-key revocations arrive through Redis again");
+                    }
+                    was_up = true;
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    while let Some(message) = messages.next().await {
+                        let id = message
+                            .get_payload::<String>()
+                            .ok()
+                            .and_then(|text| text.parse::<Uuid>().ok());
+                        match id {
+                            Some(id) => {
+                                self.keys.evict(id);
+                                self.received.inc();
                             }
+                            None => tracing::warn!("unreadable API-key revocation ignored"),
                         }
                     }
-                    Err(error) => self.lost(&mut was_up, &error.to_string()),
-                },
+                    self.lost(&mut was_up, "the subscription ended");
+                }
                 Err(error) => self.lost(&mut was_up, &error.to_string()),
             }
-            self.subscribed.set(0);
-            if was_up {
-                self.lost(&mut was_up, "the subscription ended");
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
+            tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+    }
+
+    async fn subscribe(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(&self.channel).await?;
+        Ok(pubsub)
     }
 
     /// Logs the first failure of an outage, not every retry.

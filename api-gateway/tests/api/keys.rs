@@ -194,18 +194,7 @@ async fn a_revocation_reaches_the_other_replicas_through_redis_not_after_the_cac
     let a = spawn_app_with(replica(prefix.clone())).await;
     let b = spawn_app_on(&a.database_url, replica(prefix.clone())).await;
     // b subscribes in the background once it runs; a message published before is not its.
-    let started = Instant::now();
-    while !b
-        .metrics()
-        .await
-        .contains("api_gateway_api_key_revocations_subscribed 1")
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "b never subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_metric(&b, "api_gateway_api_key_revocations_subscribed 1").await;
     let admin = admin(&a).await;
     let (key, id) = analyst_key(&a, &admin).await;
     let key = key.as_str();
@@ -225,10 +214,70 @@ async fn a_revocation_reaches_the_other_replicas_through_redis_not_after_the_cac
     );
     let metrics = b.metrics().await;
     assert!(
-        metrics.contains("api_gateway_api_key_revocations_received_total 1"),
+        has_line(&metrics, "api_gateway_api_key_revocations_received_total 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("api_gateway_api_key_revocations_subscribed 1"));
+    assert!(has_line(
+        &metrics,
+        "api_gateway_api_key_revocations_subscribed 1"
+    ));
+}
+
+/// Whether the Prometheus page holds `line` as a whole line (a HELP text may quote it).
+fn has_line(metrics: &str, line: &str) -> bool {
+    metrics.lines().any(|l| l == line)
+}
+
+/// Polls `app`'s metrics until they hold `line`.
+async fn wait_for_metric(app: &TestApp, line: &str) {
+    let started = Instant::now();
+    while !has_line(&app.metrics().await, line) {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never saw {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_revocation_missed_while_redis_was_down_applies_when_the_replica_subscribes_again() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = test_support::PrivateRedis::start(port);
+    let prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
+    let replica = |url: String, prefix: String| {
+        move |settings: &mut api_gateway::Settings, _: &mut api_gateway::config::GatewayConfig| {
+            settings.redis_url = Some(url);
+            settings.rate_limit_prefix = prefix;
+            settings.api_key_cache_ttl = Duration::from_secs(300);
+        }
+    };
+    let a = spawn_app_with(replica(redis.url(), prefix.clone())).await;
+    let b = spawn_app_on(&a.database_url, replica(redis.url(), prefix.clone())).await;
+    wait_for_metric(&b, "api_gateway_api_key_revocations_subscribed 1").await;
+    let admin = admin(&a).await;
+    let (key, id) = analyst_key(&a, &admin).await;
+    assert_eq!(status_with_key(&b, &key).await, 200, "cached on b now");
+
+    // Redis goes away: the revocation commits, its message cannot be sent, and b, which
+    // trusts its cache for five minutes, has not heard of it.
+    redis.kill();
+    wait_for_metric(&b, "api_gateway_api_key_revocations_subscribed 0").await;
+    assert_eq!(revoke(&a, &admin, &id).await, 204);
+    assert!(has_line(
+        &a.metrics().await,
+        "api_gateway_api_key_revocation_publish_failures_total 1"
+    ));
+    assert_eq!(status_with_key(&b, &key).await, 200, "b missed the message");
+
+    // Redis is back: b subscribes again, drops its cache, and asks PostgreSQL.
+    let _redis = test_support::PrivateRedis::start(port);
+    wait_for_metric(&b, "api_gateway_api_key_revocations_subscribed 1").await;
+    assert_eq!(status_with_key(&b, &key).await, 401);
 }
 
 #[tokio::test]
@@ -252,7 +301,10 @@ async fn without_redis_a_revocation_reaches_the_other_replicas_within_the_cache_
         "b still accepts the key 3 s after its revocation, with a 1 s cache TTL"
     );
     let metrics = b.metrics().await;
-    assert!(metrics.contains("api_gateway_api_key_revocations_subscribed 0"));
+    assert!(has_line(
+        &metrics,
+        "api_gateway_api_key_revocations_subscribed 0"
+    ));
 }
 
 #[tokio::test]
