@@ -16,13 +16,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum::http::HeaderValue;
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::auth::{Claims, TokenError, Verifier};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::store::{ApiKey, Store, StoreError};
+use crate::{
+    store::{ApiKey, Store, StoreError},
+    tokens::TokenIssuer,
+};
 
 /// The authenticated caller.
 #[derive(Debug, Clone)]
@@ -219,6 +223,62 @@ impl KeyCache {
     /// Forgets every key (revocations may have been missed).
     pub fn clear(&self) {
         self.entries.lock().clear();
+    }
+}
+
+/// How long an access token the gateway signs for an API-key caller lives. It only ever
+/// travels from the gateway to an upstream, with one request; it is reused while it has more
+/// than half of this left, so a key costs one signature per half-minute per replica.
+pub const KEY_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// Keys whose upstream tokens are remembered, at most (then the map starts again).
+const KEY_TOKENS: usize = 100_000;
+
+/// Access tokens the gateway signs for API-key callers, so that an upstream which verifies
+/// the caller's JWT itself (the notifier, through the JWKS) accepts them as it accepts users:
+/// the key's owner as `sub`, the key's roles as `roles`, valid [`KEY_TOKEN_TTL`].
+pub struct KeyTokens {
+    issuer: Arc<TokenIssuer>,
+    entries: Mutex<HashMap<Uuid, (HeaderValue, i64)>>,
+}
+
+impl KeyTokens {
+    /// Tokens signed by `issuer`.
+    pub fn new(issuer: Arc<TokenIssuer>) -> Self {
+        Self {
+            issuer,
+            entries: Mutex::default(),
+        }
+    }
+
+    /// `Bearer <token>` for `key`: a remembered one with more than half its life left, or a
+    /// new one. None only if signing fails.
+    pub fn authorization(&self, key: &ApiKey) -> Option<HeaderValue> {
+        let now = chrono::Utc::now().timestamp();
+        let fresh_until = KEY_TOKEN_TTL.as_secs() as i64 / 2;
+        if let Some((value, exp)) = self.entries.lock().get(&key.id)
+            && exp - now > fresh_until
+        {
+            return Some(value.clone());
+        }
+        let (token, exp) =
+            match self
+                .issuer
+                .issue_for(&key.owner_id.to_string(), &key.roles, KEY_TOKEN_TTL)
+            {
+                Ok(issued) => issued,
+                Err(error) => {
+                    tracing::error!(%error, "signing an API-key caller's upstream token failed");
+                    return None;
+                }
+            };
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        value.set_sensitive(true);
+        let mut entries = self.entries.lock();
+        if entries.len() >= KEY_TOKENS {
+            entries.clear();
+        }
+        entries.insert(key.id, (value.clone(), exp));
+        Some(value)
     }
 }
 

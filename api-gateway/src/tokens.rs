@@ -99,11 +99,21 @@ impl TokenIssuer {
 
     /// An access token for `user`, and its expiry (seconds since the epoch).
     pub fn issue(&self, user: &User) -> anyhow::Result<(String, i64)> {
+        self.issue_for(&user.id.to_string(), &user.roles, self.access_ttl)
+    }
+
+    /// An access token for `subject` with `roles`, living `ttl`, and its expiry.
+    pub fn issue_for(
+        &self,
+        subject: &str,
+        roles: &[String],
+        ttl: Duration,
+    ) -> anyhow::Result<(String, i64)> {
         let now = chrono::Utc::now().timestamp();
-        let exp = now + self.access_ttl.as_secs() as i64;
+        let exp = now + ttl.as_secs() as i64;
         let claims = Claims {
-            sub: user.id.to_string(),
-            roles: user.roles.clone(),
+            sub: subject.to_owned(),
+            roles: roles.to_vec(),
             groups: Vec::new(),
             iss: self.issuer.clone(),
             aud: self.audience.clone(),

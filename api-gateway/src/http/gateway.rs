@@ -82,6 +82,10 @@ pub async fn forward(state: &AppState, request: Request) -> Response {
     let identity = Identity {
         subject: principal.user_id(),
         roles: principal.roles().to_vec(),
+        authorization: match &principal {
+            Principal::User(_) => None,
+            Principal::Key(key) => state.key_tokens.authorization(key),
+        },
     };
     let upstream = target.upstream.to_owned();
     let mut response = state

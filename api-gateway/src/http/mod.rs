@@ -62,7 +62,7 @@ use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 
 use crate::{
     audit::Audit,
-    authn::{KeyCache, TokenCache},
+    authn::{KeyCache, KeyTokens, TokenCache},
     client_ip::TrustedProxies,
     config::Limits,
     limiter::Limiter,
@@ -177,6 +177,7 @@ pub struct Shared {
     issuer: Arc<TokenIssuer>,
     tokens: Arc<TokenCache>,
     keys: Arc<KeyCache>,
+    key_tokens: KeyTokens,
     revocations: Option<Arc<Revocations>>,
     table: Arc<RouteTable>,
     limits: Limits,
@@ -204,9 +205,11 @@ impl AppState {
     pub fn new(parts: Parts, mut registry: Registry) -> Self {
         let metrics = AuthMetrics::register(&mut registry);
         let http_metrics = HttpMetrics::register(&mut registry);
+        let issuer = Arc::new(parts.issuer);
         Self(Arc::new(Shared {
             store: parts.store,
-            issuer: Arc::new(parts.issuer),
+            key_tokens: KeyTokens::new(Arc::clone(&issuer)),
+            issuer,
             tokens: Arc::new(parts.tokens),
             keys: parts.keys,
             revocations: parts.revocations,

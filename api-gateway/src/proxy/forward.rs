@@ -120,6 +120,9 @@ pub(super) async fn forward(
         tracing::error!(upstream = %settings.name, "the subject cannot be sent as a header value");
         return Problem::internal().into_response();
     }
+    if let Some(authorization) = &identity.authorization {
+        headers.insert(axum::http::header::AUTHORIZATION, authorization.clone());
+    }
     headers::set_request_id(&mut headers);
     headers::set_traceparent(&mut headers);
     let client_ip = parts

@@ -148,6 +148,10 @@ pub struct Identity {
     pub subject: String,
     /// The token's `roles`.
     pub roles: Vec<String>,
+    /// For an API-key caller, `Bearer <token>` the gateway signed for the key's owner and
+    /// roles, sent upstream in place of any `Authorization` the client sent; for a user, None:
+    /// the user's own token goes upstream as it came.
+    pub authorization: Option<axum::http::HeaderValue>,
 }
 
 /// Labels of metrics about an upstream as a whole.

@@ -69,6 +69,42 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
     assert_eq!(frame["type"], "notification", "{frame}");
     assert_eq!(frame["notification"]["title"], "through the gateway");
 
+    // An API key with role `sender` sends too: the notifier, which verifies a JWT itself,
+    // gets one the gateway signed for the key's owner and roles.
+    app.add_user("root", "correct horse battery", &["admin"])
+        .await;
+    let root = app.login_ok("root", "correct horse battery").await;
+    let created: Value = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .bearer_auth(root["access_token"].as_str().unwrap())
+        .json(&json!({ "name": "alerts job", "roles": ["sender"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sent = app
+        .client
+        .post(format!(
+            "{}/api/notifications/v1/notifications",
+            app.address
+        ))
+        .header("x-api-key", created["key"].as_str().unwrap())
+        .json(&json!({
+            "user_ids": [ann_id],
+            "type": "test.note",
+            "title": "from a key",
+            "message": "hello",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
+    let frame = next_json(&mut socket).await;
+    assert_eq!(frame["notification"]["title"], "from a key", "{frame}");
+
     // Ann may not send (RBAC at the gateway, before the notifier is asked).
     let refused = app
         .client

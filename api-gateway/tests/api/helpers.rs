@@ -242,3 +242,16 @@ pub async fn problem(response: reqwest::Response, status: u16, field: Option<&st
     }
     body
 }
+
+/// The values of header `name` an echo upstream says it received.
+pub fn header_values(echo: &Value, name: &str) -> Vec<String> {
+    echo["headers"][name]
+        .as_array()
+        .map(|values| {
+            values
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -94,6 +94,42 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
     );
     assert_eq!(call("/api/orders/1").await.unwrap().status(), 403);
 
+    // Upstreams that verify a JWT themselves (the notifier) get one the gateway signed for
+    // the key's owner and roles, short-lived, reused across requests.
+    let authorization = |echo: &Value| {
+        let values = header_values(echo, "authorization");
+        assert_eq!(values.len(), 1, "{echo}");
+        values[0].strip_prefix("Bearer ").unwrap().to_owned()
+    };
+    let token = authorization(&echo);
+    let jwks = app
+        .client
+        .get(format!("{}/.well-known/jwks.json", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let verifier = common::auth::Verifier::new(
+        common::auth::KeySet::from_jwks(&jwks).unwrap(),
+        "api-gateway",
+        "backend-suite",
+    );
+    let claims = verifier
+        .verify(&token, chrono::Utc::now().timestamp())
+        .unwrap();
+    assert_eq!(claims.sub, admin.id);
+    assert_eq!(claims.roles, ["analyst"]);
+    assert_eq!(claims.exp - claims.iat, 60);
+    let again: Value = call("/api/analytics/daily")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(authorization(&again), token, "signed once, then reused");
+
     // Listed without the secret.
     let list: Value = app
         .get_as("/admin/api-keys", &admin.token)

@@ -36,6 +36,8 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::helpers::header_values;
+
 const SERVE: ServeSettings = ServeSettings {
     grace: Duration::from_secs(1),
     header_read_timeout: Duration::from_secs(10),
@@ -263,6 +265,7 @@ async fn route_to_upstream(State(proxy): State<Proxy>, request: Request) -> Resp
     let identity = Identity {
         subject,
         roles: vec!["user".into(), "admin".into()],
+        authorization: None,
     };
     proxy
         .forward(&upstream, &path_and_query, request, &identity)
@@ -330,18 +333,6 @@ async fn expect_problem(response: reqwest::Response, status: u16) -> Value {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], status, "{body}");
     body
-}
-
-fn header_values(echo: &Value, name: &str) -> Vec<String> {
-    echo["headers"][name]
-        .as_array()
-        .map(|values| {
-            values
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
