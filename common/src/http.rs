@@ -61,6 +61,16 @@ pub mod request_id {
     }
 }
 
+/// A new request id: a UUIDv7 (time-ordered, so logs sort by it), hyphenated without the
+/// formatting machinery `to_string` goes through.
+fn new_request_id() -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    uuid::Uuid::now_v7()
+        .hyphenated()
+        .encode_lower(&mut buffer)
+        .to_owned()
+}
+
 /// Request id, span and access log for every request. Apply with `Router::layer`.
 ///
 /// A plain function returning [`in_request_context`]'s future, not an `async fn` awaiting
@@ -91,7 +101,7 @@ where
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| request_id::accept_client_id(v))
-        .map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+        .map_or_else(new_request_id, str::to_owned);
     let header_id = HeaderValue::from_str(&id).ok();
     let span = tracing::info_span!(
         "request",
