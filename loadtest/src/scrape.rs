@@ -72,6 +72,9 @@ impl Buckets {
 pub fn histograms(exposition: &str) -> BTreeMap<String, Buckets> {
     let mut families: BTreeMap<String, Buckets> = BTreeMap::new();
     for line in exposition.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
@@ -151,7 +154,7 @@ mod tests {
     use super::*;
 
     const EXPOSITION: &str = "\
-# HELP api_gateway_limiter_redis_seconds Time of one decision.
+# HELP api_gateway_limiter_redis_seconds Time of one decision, as in x_bucket{le=\"1\"} 5.
 # TYPE api_gateway_limiter_redis_seconds histogram
 api_gateway_limiter_redis_seconds_sum 0.5
 api_gateway_limiter_redis_seconds_count 10
