@@ -13,6 +13,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
@@ -48,9 +49,9 @@ impl Revocations {
         keys: Arc<KeyCache>,
         registry: &mut Registry,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(redis_url).map_err(|error| {
-            anyhow::anyhow!(
-                "invalid REDIS_URL {}: {error}",
+        let client = redis::Client::open(redis_url).with_context(|| {
+            format!(
+                "invalid REDIS_URL {}",
                 common::config::redact_url(redis_url)
             )
         })?;

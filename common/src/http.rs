@@ -55,20 +55,20 @@ pub mod request_id {
         REQUEST_ID.scope(id, fut)
     }
 
+    /// A new request id: a UUIDv7 (time-ordered, so logs sort by it), hyphenated without the
+    /// formatting machinery `to_string` goes through.
+    pub fn new() -> String {
+        let mut buffer = uuid::Uuid::encode_buffer();
+        uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut buffer)
+            .to_owned()
+    }
+
     /// Keeps a client's id when it is short printable ASCII, so it is safe in logs and headers.
     pub fn accept_client_id(value: &str) -> bool {
         (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic())
     }
-}
-
-/// A new request id: a UUIDv7 (time-ordered, so logs sort by it), hyphenated without the
-/// formatting machinery `to_string` goes through.
-fn new_request_id() -> String {
-    let mut buffer = uuid::Uuid::encode_buffer();
-    uuid::Uuid::now_v7()
-        .hyphenated()
-        .encode_lower(&mut buffer)
-        .to_owned()
 }
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
@@ -101,7 +101,7 @@ where
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|v| request_id::accept_client_id(v))
-        .map_or_else(new_request_id, str::to_owned);
+        .map_or_else(request_id::new, str::to_owned);
     let header_id = HeaderValue::from_str(&id).ok();
     let span = tracing::info_span!(
         "request",

@@ -113,7 +113,7 @@ pub fn set_request_id(headers: &mut HeaderMap) {
                 .cloned()
         })
         .unwrap_or_else(|| {
-            HeaderValue::try_from(uuid::Uuid::now_v7().to_string())
+            HeaderValue::try_from(common::http::request_id::new())
                 .expect("a UUID is a valid header value")
         });
     headers.insert(common::http::X_REQUEST_ID.clone(), id);

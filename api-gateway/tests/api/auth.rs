@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use common::auth::{KeySet, Verifier};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -35,12 +34,7 @@ async fn login_issues_an_access_token_that_verifies_through_the_jwks() {
             .contains("max-age")
     );
     let jwks = jwks.text().await.unwrap();
-    let verifier = Verifier::new(
-        KeySet::from_jwks(&jwks).unwrap(),
-        "api-gateway",
-        "backend-suite",
-    );
-    let claims = verifier
+    let claims = jwks_verifier(&jwks)
         .verify(
             pair["access_token"].as_str().unwrap(),
             chrono::Utc::now().timestamp(),

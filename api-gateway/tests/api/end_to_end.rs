@@ -48,22 +48,14 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
     let welcome = next_json(&mut socket).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
 
-    let sent = app
-        .client
-        .post(format!(
-            "{}/api/notifications/v1/notifications",
-            app.address
-        ))
-        .bearer_auth(ops["access_token"].as_str().unwrap())
-        .json(&json!({
-            "user_ids": [ann_id],
-            "type": "test.note",
-            "title": "through the gateway",
-            "message": "hello",
-        }))
-        .send()
-        .await
-        .unwrap();
+    let ops_token = ops["access_token"].as_str().unwrap();
+    let sent = post_note(
+        &app,
+        |r| r.bearer_auth(ops_token),
+        &ann_id,
+        "through the gateway",
+    )
+    .await;
     assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
     let frame = next_json(&mut socket).await;
     assert_eq!(frame["type"], "notification", "{frame}");
@@ -85,38 +77,14 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
         .json()
         .await
         .unwrap();
-    let sent = app
-        .client
-        .post(format!(
-            "{}/api/notifications/v1/notifications",
-            app.address
-        ))
-        .header("x-api-key", created["key"].as_str().unwrap())
-        .json(&json!({
-            "user_ids": [ann_id],
-            "type": "test.note",
-            "title": "from a key",
-            "message": "hello",
-        }))
-        .send()
-        .await
-        .unwrap();
+    let key = created["key"].as_str().unwrap();
+    let sent = post_note(&app, |r| r.header("x-api-key", key), &ann_id, "from a key").await;
     assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
     let frame = next_json(&mut socket).await;
     assert_eq!(frame["notification"]["title"], "from a key", "{frame}");
 
     // Ann may not send (RBAC at the gateway, before the notifier is asked).
-    let refused = app
-        .client
-        .post(format!(
-            "{}/api/notifications/v1/notifications",
-            app.address
-        ))
-        .bearer_auth(ann_token)
-        .json(&json!({ "user_ids": [ann_id], "type": "x", "title": "x", "message": "x" }))
-        .send()
-        .await
-        .unwrap();
+    let refused = post_note(&app, |r| r.bearer_auth(ann_token), &ann_id, "x").await;
     problem(refused, 403, None).await;
 
     // Shutting the gateway down closes the tunnel.
@@ -132,6 +100,29 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
     .await;
     assert!(closed.is_ok(), "the tunnel outlived the gateway");
     let _ = stop_notifier.send(());
+}
+
+/// Posts a note for `user` titled `title` through the gateway, with `credentials` applied.
+async fn post_note(
+    app: &TestApp,
+    credentials: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    user: &str,
+    title: &str,
+) -> reqwest::Response {
+    let request = app.client.post(format!(
+        "{}/api/notifications/v1/notifications",
+        app.address
+    ));
+    credentials(request)
+        .json(&json!({
+            "user_ids": [user],
+            "type": "test.note",
+            "title": title,
+            "message": "hello",
+        }))
+        .send()
+        .await
+        .unwrap()
 }
 
 fn subject(token: &str) -> String {

@@ -255,3 +255,12 @@ pub fn header_values(echo: &Value, name: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// What the notifier does with the gateway's JWKS: a verifier trusting those keys alone.
+pub fn jwks_verifier(jwks: &str) -> common::auth::Verifier {
+    common::auth::Verifier::new(
+        common::auth::KeySet::from_jwks(jwks).unwrap(),
+        "api-gateway",
+        "backend-suite",
+    )
+}

@@ -111,12 +111,7 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
         .text()
         .await
         .unwrap();
-    let verifier = common::auth::Verifier::new(
-        common::auth::KeySet::from_jwks(&jwks).unwrap(),
-        "api-gateway",
-        "backend-suite",
-    );
-    let claims = verifier
+    let claims = jwks_verifier(&jwks)
         .verify(&token, chrono::Utc::now().timestamp())
         .unwrap();
     assert_eq!(claims.sub, admin.id);
