@@ -633,6 +633,20 @@ impl MetricsProcessor {
     /// Statistics of every event type over the last `minutes` minute buckets, the current
     /// (partial) minute included.
     pub fn get_aggregates(&self, minutes: u32) -> Result<Aggregates, QueryError> {
+        // Shards are independent, so the merge runs on every core (see the get_aggregates bench).
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        self.aggregates_on(minutes, threads)
+    }
+
+    /// Merges the full retention window on the calling thread alone, so that the next
+    /// [`Self::get_aggregates`] finds every type's sealed minutes merged. The background
+    /// sweep calls it: spread over every core like a query, it took both of them from
+    /// ingest for the length of the merge, and the paced load test's p99 showed it.
+    pub fn warm_window_cache(&self) {
+        let _ = self.aggregates_on(self.config.retention_minutes, 1);
+    }
+
+    fn aggregates_on(&self, minutes: u32, threads: usize) -> Result<Aggregates, QueryError> {
         let retention = self.config.retention_minutes;
         if minutes == 0 || minutes > retention {
             return Err(QueryError::MinutesOutOfRange {
@@ -643,10 +657,30 @@ impl MetricsProcessor {
         let now = self.clock.now_millis();
         let now_minute = now.div_euclid(MINUTE_MS);
         let from_minute = now_minute - i64::from(minutes) + 1;
-        // Shards are independent, so the merge runs on every core (see the get_aggregates bench).
-        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let event_types = if threads <= 1 {
+            Self::merge_shards(&self.shards, from_minute, now_minute)
+                .into_iter()
+                .collect()
+        } else {
+            self.merge_in_parallel(threads, from_minute, now_minute)
+        };
+        Ok(Aggregates {
+            window_minutes: minutes,
+            from: DateTime::from_timestamp_millis(from_minute * MINUTE_MS).unwrap_or_default(),
+            to: DateTime::from_timestamp_millis(now).unwrap_or_default(),
+            event_types,
+        })
+    }
+
+    /// [`Self::merge_shards`] over `threads` scoped threads, each a run of shards.
+    fn merge_in_parallel(
+        &self,
+        threads: usize,
+        from_minute: i64,
+        now_minute: i64,
+    ) -> BTreeMap<String, TypeAggregate> {
         let chunk = self.shards.len().div_ceil(threads);
-        let event_types = std::thread::scope(|scope| {
+        std::thread::scope(|scope| {
             let parts: Vec<_> = self
                 .shards
                 .chunks(chunk)
@@ -662,12 +696,6 @@ impl MetricsProcessor {
                 );
             }
             all
-        });
-        Ok(Aggregates {
-            window_minutes: minutes,
-            from: DateTime::from_timestamp_millis(from_minute * MINUTE_MS).unwrap_or_default(),
-            to: DateTime::from_timestamp_millis(now).unwrap_or_default(),
-            event_types,
         })
     }
 
@@ -753,6 +781,30 @@ mod tests {
             event_type: EventType::parse(kind).unwrap(),
             value,
         }
+    }
+
+    #[test]
+    fn the_one_thread_merge_answers_as_the_parallel_one_and_warms_the_cache() {
+        let config = ProcessorConfig::default();
+        let retention = config.retention_minutes;
+        let (clock, processor) = setup(config);
+        // Types spread over many shards, minutes sealed and live.
+        for minute in 0..5 {
+            for i in 0..400 {
+                let at = T0 + minute * 60_000 + i64::from(i) * 100;
+                let kind = format!("type-{}", i % 40);
+                processor
+                    .process_event(event(at, &format!("u{i}"), &kind, f64::from(i)))
+                    .unwrap();
+            }
+            clock.advance(60_000);
+        }
+        let one = processor.aggregates_on(retention, 1).unwrap();
+        let parallel = processor.aggregates_on(retention, 4).unwrap();
+        assert_eq!(one.event_types.len(), 40);
+        assert_eq!(one, parallel);
+        processor.warm_window_cache();
+        assert_eq!(processor.get_aggregates(retention).unwrap(), one);
     }
 
     #[test]

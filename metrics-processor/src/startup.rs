@@ -122,7 +122,7 @@ async fn sweep(processor: Arc<MetricsProcessor>, interval: Duration) {
         let processor = Arc::clone(&processor);
         let swept = tokio::task::spawn_blocking(move || {
             let forgotten = processor.evict_expired();
-            let _warm = processor.get_aggregates(processor.config().retention_minutes);
+            processor.warm_window_cache();
             forgotten
         })
         .await;
