@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use crate::{
     client::{Connection, request},
     report::{Report, Target},
+    scrape,
     service::{Service, memory_of},
 };
 
@@ -389,8 +390,42 @@ fn batch_requests(count: usize, events_each: usize, seed: u64) -> Vec<Arc<Vec<u8
 struct Outcome {
     accepted_requests: u64,
     failed_requests: u64,
-    latency_us: Histogram<u64>,
+    /// Request latency after the [`WARM_UP`], one histogram per [`WINDOW`] of the phase.
+    windows: Vec<Histogram<u64>>,
     elapsed: Duration,
+}
+
+impl Outcome {
+    /// Every window's latencies in one histogram.
+    fn latency_us(&self) -> Histogram<u64> {
+        merged(self.windows.iter())
+    }
+}
+
+fn merged<'a>(windows: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
+    let mut all = Histogram::new(3).unwrap();
+    for window in windows {
+        all.add(window).unwrap();
+    }
+    all
+}
+
+/// The paced phase is measured in windows of this length (~5,000 samples each, so a
+/// window's p99 rests on its 50 slowest requests), each with the host's steal beside it.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// A window in which the host stole more than this share of the guest's CPU time measured
+/// the hypervisor, not the service: at 1,000 requests/s, 0.5 % of two vCPUs over 5 s is
+/// 50 ms of stalls, enough to delay the 50 requests that make a window's p99.
+const STEAL_LIMIT_PERCENT: f64 = 0.5;
+
+/// How long the paced phase runs: at least `min_windows`; then until `quiet_windows` of
+/// them had the host quiet, or `max_windows` in all.
+#[derive(Debug, Clone, Copy)]
+struct WindowPlan {
+    min_windows: usize,
+    quiet_windows: usize,
+    max_windows: usize,
 }
 
 /// `connections` clients, each sending its next request when the last is answered.
@@ -400,20 +435,36 @@ async fn closed_loop(
     duration: Duration,
     requests: Arc<Vec<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<Outcome> {
-    drive(address, connections, None, duration, requests).await
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let outcome = drive(address, connections, None, Instant::now(), stop, requests).await;
+    timer.abort();
+    outcome
+}
+
+/// A paced phase: its outcome, and the host's steal (%) in each of its windows.
+struct Paced {
+    outcome: Outcome,
+    steal_percent: Vec<f64>,
 }
 
 /// `connections` clients sending on a fixed schedule, `rate` requests/s in all, driven from
 /// one thread of its own: on the shared runtime a response could wake a second worker before
 /// its task ran, and that hop was charged to the service (p50 0.21 against 0.25 ms, and fewer
-/// p99 outliers, in alternating runs).
+/// p99 outliers, in alternating runs). It runs for as many [`WINDOW`]s as `plan` asks.
 async fn paced(
     address: &str,
     connections: usize,
     rate: f64,
-    duration: Duration,
+    plan: WindowPlan,
     requests: Arc<Vec<Arc<Vec<u8>>>>,
-) -> anyhow::Result<Outcome> {
+) -> anyhow::Result<Paced> {
     let address = address.to_owned();
     let (done, outcome) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -424,39 +475,85 @@ async fn paced(
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|runtime| {
-                    runtime.block_on(drive(&address, connections, Some(rate), duration, requests))
+                    runtime.block_on(async {
+                        let started = Instant::now();
+                        let stop = Arc::new(AtomicBool::new(false));
+                        let watcher = tokio::spawn(watch_windows(started, Arc::clone(&stop), plan));
+                        let outcome =
+                            drive(&address, connections, Some(rate), started, stop, requests).await;
+                        let steal_percent = watcher.await?;
+                        let mut outcome = outcome?;
+                        // Requests answered after the last full window count for the rate only.
+                        outcome.windows.truncate(steal_percent.len());
+                        Ok(Paced {
+                            outcome,
+                            steal_percent,
+                        })
+                    })
                 });
             let _ = done.send(result);
         })?;
     outcome.await?
 }
 
+/// Reads the host's steal at every window boundary and stops the phase when `plan` is met;
+/// returns each window's steal. An unreadable `/proc/stat` counts as a quiet host.
+async fn watch_windows(started: Instant, stop: Arc<AtomicBool>, plan: WindowPlan) -> Vec<f64> {
+    let first = tokio::time::Instant::from_std(started + WARM_UP);
+    tokio::time::sleep_until(first).await;
+    let mut before = scrape::cpu_ticks();
+    let mut steal = Vec::new();
+    loop {
+        tokio::time::sleep_until(first + WINDOW * (steal.len() as u32 + 1)).await;
+        let now = scrape::cpu_ticks();
+        steal.push(scrape::steal_percent(before, now));
+        before = now;
+        let quiet = steal.iter().filter(|s| is_quiet(**s)).count();
+        let enough = steal.len() >= plan.min_windows && quiet >= plan.quiet_windows;
+        if enough || steal.len() >= plan.max_windows {
+            stop.store(true, Ordering::Relaxed);
+            return steal;
+        }
+    }
+}
+
+/// `values` with `decimals` each, comma-separated.
+fn list(values: &[f64], decimals: usize) -> String {
+    let shown: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
+    shown.join(", ")
+}
+
+fn is_quiet(steal_percent: f64) -> bool {
+    steal_percent.is_nan() || steal_percent <= STEAL_LIMIT_PERCENT
+}
+
 /// `connections` clients sending on a fixed schedule (`rate` requests/s in all) when given,
-/// back to back otherwise, on the runtime it is polled on. Latency is measured from the
-/// moment a request is written, or, on a schedule, from when it was due if a slow response
-/// held it back (so a stalled service is charged for the requests it delayed); the
-/// [`WARM_UP`] is left out.
+/// back to back otherwise, on the runtime it is polled on, from `started` until `stop` is
+/// set. Latency is measured from the moment a request is written, or, on a schedule, from
+/// when it was due if a slow response held it back (so a stalled service is charged for the
+/// requests it delayed); the [`WARM_UP`] is left out, and the rest is kept per [`WINDOW`].
 async fn drive(
     address: &str,
     connections: usize,
     rate: Option<f64>,
-    duration: Duration,
+    started: Instant,
+    stop: Arc<AtomicBool>,
     requests: Arc<Vec<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<Outcome> {
-    let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..connections {
         let mut connection = Connection::open(address).await?;
         let requests = Arc::clone(&requests);
+        let stop = Arc::clone(&stop);
         let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
         tasks.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new(3).unwrap();
+            let mut windows: Vec<Histogram<u64>> = Vec::new();
             let (mut ok, mut failed) = (0u64, 0u64);
             let first = tokio::time::Instant::now()
                 + interval.map_or(Duration::ZERO, |i| i.mul_f64(c as f64 / connections as f64));
             let mut k = 0u32;
             let mut previous_done = tokio::time::Instant::now();
-            while started.elapsed() < duration {
+            while !stop.load(Ordering::Relaxed) {
                 let scheduled = interval.map(|interval| first + interval * k);
                 if let Some(scheduled) = scheduled {
                     tokio::time::sleep_until(scheduled).await;
@@ -474,27 +571,39 @@ async fn drive(
                     Ok(_) | Err(_) => failed += 1,
                 }
                 previous_done = tokio::time::Instant::now();
-                if started.elapsed() >= WARM_UP {
-                    histogram
+                let since = started.elapsed();
+                if since >= WARM_UP {
+                    let window = ((since - WARM_UP).as_nanos() / WINDOW.as_nanos()) as usize;
+                    if windows.len() <= window {
+                        windows.resize_with(window + 1, || Histogram::new(3).unwrap());
+                    }
+                    windows[window]
                         .record((previous_done - start).as_micros() as u64)
                         .unwrap();
                 }
                 k += 1;
             }
-            (ok, failed, histogram)
+            (ok, failed, windows)
         }));
     }
     let mut outcome = Outcome {
         accepted_requests: 0,
         failed_requests: 0,
-        latency_us: Histogram::new(3).unwrap(),
+        windows: Vec::new(),
         elapsed: Duration::ZERO,
     };
     for task in tasks {
-        let (ok, failed, histogram) = task.await?;
+        let (ok, failed, windows) = task.await?;
         outcome.accepted_requests += ok;
         outcome.failed_requests += failed;
-        outcome.latency_us.add(histogram).unwrap();
+        if outcome.windows.len() < windows.len() {
+            outcome
+                .windows
+                .resize_with(windows.len(), || Histogram::new(3).unwrap());
+        }
+        for (all, window) in outcome.windows.iter_mut().zip(&windows) {
+            all.add(window).unwrap();
+        }
     }
     outcome.elapsed = started.elapsed();
     Ok(outcome)
@@ -516,7 +625,7 @@ fn record_phase(
     latency_figures(
         report,
         &format!("{name}_request_latency"),
-        &outcome.latency_us,
+        &outcome.latency_us(),
         1e3,
     );
     report.goals.push(Target::at_least(
@@ -553,22 +662,89 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let batches = closed_loop(&address, 4, phase, Arc::new(batch_requests(16, 1_000, 6))).await?;
     acknowledged += record_phase(report, "http_batch", &batches, 1_000, 1e6);
 
-    // The stated target: 100K events/s offered open-loop as 1,000 batches of 100 per second.
-    // It runs 15 s in the quick form too (~14,500 samples after the warm-up), the same as
-    // the full one: this shared machine has noisy spells of a few seconds, and over 8 s one
-    // of them could decide the p99 alone (quick runs measured 0.44 to 6.9 ms in one hour).
-    let offered = paced(
+    // The stated target: 100K events/s offered open-loop as 1,000 batches of 100 per second,
+    // measured in 5 s windows beside the host's steal. This shared machine has spells of a
+    // few seconds in which the hypervisor runs something else (quick runs once measured 0.44
+    // to 6.9 ms in one hour), so the phase runs 15 s even in the quick form, goes on while
+    // windows are disturbed, and the p99 is judged on the windows in which the host took at
+    // most STEAL_LIMIT_PERCENT; every window is reported.
+    let plan = if phase < Duration::from_secs(15) {
+        WindowPlan {
+            min_windows: 3,
+            quiet_windows: 3,
+            max_windows: 12,
+        }
+    } else {
+        WindowPlan {
+            min_windows: 6,
+            quiet_windows: 6,
+            max_windows: 18,
+        }
+    };
+    let Paced {
+        outcome: offered,
+        steal_percent,
+    } = paced(
         &address,
         8,
         1_000.0,
-        phase.max(Duration::from_secs(15)),
+        plan,
         Arc::new(batch_requests(64, 100, 7)),
     )
     .await?;
     let offered_rate = (offered.accepted_requests * 100) as f64 / offered.elapsed.as_secs_f64();
     acknowledged += offered.accepted_requests * 100;
     report.figure("http_paced_failed_requests", offered.failed_requests);
-    latency_figures(report, "http_paced_event_latency", &offered.latency_us, 1e3);
+    latency_figures(
+        report,
+        "http_paced_event_latency",
+        &offered.latency_us(),
+        1e3,
+    );
+    let window_p99: Vec<f64> = offered
+        .windows
+        .iter()
+        .map(|w| micros(w, 0.99) / 1e3)
+        .collect();
+    let quiet: Vec<&Histogram<u64>> = offered
+        .windows
+        .iter()
+        .zip(&steal_percent)
+        .filter(|(_, steal)| is_quiet(**steal))
+        .map(|(window, _)| window)
+        .collect();
+    // At least two quiet windows (~10,000 samples), or the host never let the service be
+    // measured alone and every window counts.
+    let judged = if quiet.len() >= 2 {
+        merged(quiet.iter().copied())
+    } else {
+        offered.latency_us()
+    };
+    let p99 = micros(&judged, 0.99) / 1e3;
+    report.figure("http_paced_window_seconds", WINDOW.as_secs());
+    report.figure("http_paced_window_p99_ms", window_p99.clone());
+    report.figure("http_paced_window_steal_percent", steal_percent.clone());
+    report.figure("http_paced_steal_limit_percent", STEAL_LIMIT_PERCENT);
+    report.figure("http_paced_quiet_windows", quiet.len());
+    report.figure("http_paced_judged_samples", judged.len());
+    println!(
+        "metrics: paced 100K events/s, {} windows of {} s: p99 {} ms; host steal {} %; \
+         p99 {p99:.3} ms over {} {}",
+        window_p99.len(),
+        WINDOW.as_secs(),
+        list(&window_p99, 3),
+        list(&steal_percent, 2),
+        if quiet.len() >= 2 {
+            quiet.len()
+        } else {
+            window_p99.len()
+        },
+        if quiet.len() >= 2 {
+            "quiet windows"
+        } else {
+            "windows (too few were quiet)"
+        },
+    );
     // A 3 % allowance for the schedule's start-up and tokio's 1 ms timer granularity.
     report.targets.push(Target::at_least(
         "http_events_per_second_sustained",
@@ -576,12 +752,9 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         offered_rate.round(),
         "events/s",
     ));
-    report.targets.push(Target::below(
-        "http_event_latency_p99",
-        1.0,
-        micros(&offered.latency_us, 0.99) / 1e3,
-        "ms",
-    ));
+    report
+        .targets
+        .push(Target::below("http_event_latency_p99", 1.0, p99, "ms"));
     report.targets.push(Target::at_most(
         "http_failed_requests",
         0.0,

@@ -34,6 +34,7 @@ use crate::{
     client::{self, Connection},
     database::Database,
     report::{Report, Target},
+    scrape,
     service::{Service, cpu_seconds_of},
 };
 
@@ -152,9 +153,10 @@ async fn main_phase(
     // The send schedule: every all-broadcast, group broadcast and direct send, spread out.
     let sender = keys.token("loadtest-sender", &["sender"]);
     let schedule = schedule(plan);
-    let (service_cpu, own_cpu, phase) = (
+    let (service_cpu, own_cpu, ticks, phase) = (
         service.cpu_seconds()?,
         cpu_seconds_of("/proc/self/stat")?,
+        scrape::cpu_ticks(),
         Instant::now(),
     );
     let outcome = send_schedule(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
@@ -169,6 +171,10 @@ async fn main_phase(
     // Where the two cores went while notifications flowed.
     let seconds = phase.elapsed().as_secs_f64();
     report.figure("send_phase_seconds", seconds);
+    report.figure(
+        "send_phase_steal_percent",
+        scrape::steal_percent(ticks, scrape::cpu_ticks()),
+    );
     report.figure(
         "send_phase_service_cpu_cores",
         (service.cpu_seconds()? - service_cpu) / seconds,
