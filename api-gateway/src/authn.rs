@@ -12,7 +12,10 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -81,6 +84,9 @@ pub enum AuthnError {
     /// Both a token and a key: ambiguous, refused.
     #[error("both a token and an API key")]
     Both,
+    /// A token the gateway signed for an API-key caller's upstream, presented to the gateway.
+    #[error("a token signed for an upstream, not for the gateway")]
+    UpstreamOnly,
 }
 
 impl AuthnError {
@@ -92,6 +98,7 @@ impl AuthnError {
             Self::Token(error) => error.reason(),
             Self::UnknownKey => "unknown_api_key",
             Self::Both => "ambiguous",
+            Self::UpstreamOnly => "upstream_only_token",
         }
     }
 }
@@ -175,6 +182,10 @@ pub struct KeyCache {
     ttl: Duration,
     entries: Mutex<HashMap<[u8; 32], FoundKey>>,
     capacity: usize,
+    /// Bumped, under the entries' lock, by every eviction. A lookup remembers what it found
+    /// only if no eviction came while it waited on PostgreSQL: one that did may be the
+    /// revocation of that very key, read before it committed.
+    generation: AtomicU64,
 }
 
 impl KeyCache {
@@ -184,6 +195,7 @@ impl KeyCache {
             ttl,
             entries: Mutex::default(),
             capacity,
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -194,35 +206,53 @@ impl KeyCache {
         presented: &str,
     ) -> Result<Option<Arc<ApiKey>>, StoreError> {
         let hash = hash_api_key(presented);
-        if let Some((at, key)) = self.entries.lock().get(&hash)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(Some(Arc::clone(key)));
-        }
+        let generation = {
+            let entries = self.entries.lock();
+            if let Some((at, key)) = entries.get(&hash)
+                && at.elapsed() < self.ttl
+            {
+                return Ok(Some(Arc::clone(key)));
+            }
+            self.generation.load(Ordering::Acquire)
+        };
         let Some(key) = store.find_api_key(&hash).await? else {
             self.entries.lock().remove(&hash);
             return Ok(None);
         };
         let key = Arc::new(key);
+        self.remember(hash, Arc::clone(&key), generation);
+        Ok(Some(key))
+    }
+
+    /// Caches `key` under `hash` unless an eviction came since `generation` was read; true
+    /// when it did cache.
+    fn remember(&self, hash: [u8; 32], key: Arc<ApiKey>, generation: u64) -> bool {
         let mut entries = self.entries.lock();
+        if self.generation.load(Ordering::Acquire) != generation {
+            return false;
+        }
         if entries.len() >= self.capacity {
             entries.retain(|_, (at, _)| at.elapsed() < self.ttl);
             if entries.len() >= self.capacity {
                 entries.clear();
             }
         }
-        entries.insert(hash, (Instant::now(), Arc::clone(&key)));
-        Ok(Some(key))
+        entries.insert(hash, (Instant::now(), key));
+        true
     }
 
     /// Forgets the key `id` (after a revocation here or on another replica).
     pub fn evict(&self, id: Uuid) {
-        self.entries.lock().retain(|_, (_, key)| key.id != id);
+        let mut entries = self.entries.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.retain(|_, (_, key)| key.id != id);
     }
 
     /// Forgets every key (revocations may have been missed).
     pub fn clear(&self) {
-        self.entries.lock().clear();
+        let mut entries = self.entries.lock();
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        entries.clear();
     }
 }
 
@@ -260,10 +290,29 @@ impl KeyTokens {
         {
             return Some(value.clone());
         }
+        let (value, exp) = self.sign(key, KEY_TOKEN_TTL)?;
+        let mut entries = self.entries.lock();
+        if entries.len() >= KEY_TOKENS {
+            entries.clear();
+        }
+        entries.insert(key.id, (value.clone(), exp));
+        Some(value)
+    }
+
+    /// `Bearer <token>` for a WebSocket that `key` opens: a new token that lives as long as a
+    /// user's access token, because the notifier closes a socket when its token expires (4001)
+    /// and a key caller, unlike a user, has no way to hand it a fresh one. It reconnects
+    /// through the gateway, as a user does after refreshing. None only if signing fails.
+    pub fn authorization_for_socket(&self, key: &ApiKey) -> Option<HeaderValue> {
+        self.sign(key, self.issuer.access_ttl())
+            .map(|(value, _)| value)
+    }
+
+    fn sign(&self, key: &ApiKey, ttl: Duration) -> Option<(HeaderValue, i64)> {
         let (token, exp) =
             match self
                 .issuer
-                .issue_for(&key.owner_id.to_string(), &key.roles, KEY_TOKEN_TTL)
+                .issue_for_key(&key.owner_id.to_string(), &key.roles, ttl)
             {
                 Ok(issued) => issued,
                 Err(error) => {
@@ -273,12 +322,7 @@ impl KeyTokens {
             };
         let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
         value.set_sensitive(true);
-        let mut entries = self.entries.lock();
-        if entries.len() >= KEY_TOKENS {
-            entries.clear();
-        }
-        entries.insert(key.id, (value.clone(), exp));
-        Some(value)
+        Some((value, exp))
     }
 }
 
@@ -307,6 +351,41 @@ mod tests {
 
     const PRIVATE: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
     const PUBLIC: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
+
+    fn api_key() -> Arc<ApiKey> {
+        Arc::new(ApiKey {
+            id: Uuid::now_v7(),
+            prefix: "gwk_abcd".into(),
+            name: "job".into(),
+            owner_id: Uuid::now_v7(),
+            roles: vec!["analyst".into()],
+            limit: None,
+            created_by: Uuid::now_v7(),
+            created_at: chrono::Utc::now(),
+            revoked_at: None,
+        })
+    }
+
+    #[test]
+    fn a_lookup_overtaken_by_an_eviction_does_not_cache_what_it_found() {
+        let keys = KeyCache::new(Duration::from_secs(300), 16);
+        let (hash, key) = ([1u8; 32], api_key());
+        // A lookup starts, then the key is revoked while it waits on the database.
+        let seen = keys.generation.load(Ordering::Acquire);
+        keys.evict(key.id);
+        assert!(!keys.remember(hash, Arc::clone(&key), seen));
+        assert!(keys.entries.lock().is_empty(), "the stale key was cached");
+        // `clear` (a missed revocation) overtakes a lookup the same way.
+        let seen = keys.generation.load(Ordering::Acquire);
+        keys.clear();
+        assert!(!keys.remember(hash, Arc::clone(&key), seen));
+        // A lookup nothing overtook caches, and a later eviction removes it.
+        let seen = keys.generation.load(Ordering::Acquire);
+        assert!(keys.remember(hash, Arc::clone(&key), seen));
+        assert_eq!(keys.entries.lock().len(), 1);
+        keys.evict(key.id);
+        assert!(keys.entries.lock().is_empty());
+    }
 
     fn cache() -> TokenCache {
         let mut keys = KeySet::new();

@@ -61,8 +61,9 @@ pub struct Settings {
     /// Verified access tokens remembered, so a signature is checked once per token.
     #[arg(long, env = "TOKEN_CACHE_SIZE", default_value_t = 65_536)]
     pub token_cache_size: usize,
-    /// How long a found API key is trusted before it is looked up again (a revocation on
-    /// another replica takes this long to apply here).
+    /// How long a found API key is trusted before it is looked up again: the bound on how
+    /// long a revocation on another replica takes to apply here when its Redis message is
+    /// missed (it normally applies as the message arrives).
     #[arg(long, env = "API_KEY_CACHE_TTL", default_value = "5s", value_parser = parse_duration)]
     pub api_key_cache_ttl: Duration,
     /// PostgreSQL connections in the pool.

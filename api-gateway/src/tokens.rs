@@ -99,15 +99,30 @@ impl TokenIssuer {
 
     /// An access token for `user`, and its expiry (seconds since the epoch).
     pub fn issue(&self, user: &User) -> anyhow::Result<(String, i64)> {
-        self.issue_for(&user.id.to_string(), &user.roles, self.access_ttl)
+        let jti = Uuid::now_v7().to_string();
+        self.sign(&user.id.to_string(), &user.roles, self.access_ttl, jti)
     }
 
-    /// An access token for `subject` with `roles`, living `ttl`, and its expiry.
-    pub fn issue_for(
+    /// A token for an API-key caller to take to an upstream that verifies tokens itself: the
+    /// key's owner as `sub`, the key's roles, living `ttl`, its `jti` marked with
+    /// [`UPSTREAM_ONLY_JTI_PREFIX`] so that the gateway refuses it when it is presented there
+    /// (it would otherwise turn a key into its owner's session).
+    pub fn issue_for_key(
+        &self,
+        owner: &str,
+        roles: &[String],
+        ttl: Duration,
+    ) -> anyhow::Result<(String, i64)> {
+        let jti = format!("{UPSTREAM_ONLY_JTI_PREFIX}{}", Uuid::now_v7());
+        self.sign(owner, roles, ttl, jti)
+    }
+
+    fn sign(
         &self,
         subject: &str,
         roles: &[String],
         ttl: Duration,
+        jti: String,
     ) -> anyhow::Result<(String, i64)> {
         let now = chrono::Utc::now().timestamp();
         let exp = now + ttl.as_secs() as i64;
@@ -120,10 +135,19 @@ impl TokenIssuer {
             exp,
             iat: now,
             nbf: None,
-            jti: Uuid::now_v7().to_string(),
+            jti,
         };
         Ok((self.signer.sign(&claims)?, exp))
     }
+}
+
+/// How the `jti` of a token signed for an API-key caller begins ([`TokenIssuer::issue_for_key`]).
+/// Users' tokens carry a bare UUID, so no user token ever starts so, and the `jti` is signed.
+pub const UPSTREAM_ONLY_JTI_PREFIX: &str = "key.";
+
+/// Whether `claims` are those of a token the gateway signed for an API-key caller's upstream.
+pub fn is_upstream_only(claims: &Claims) -> bool {
+    claims.jti.starts_with(UPSTREAM_ONLY_JTI_PREFIX)
 }
 
 /// A new opaque refresh token (256 random bits, base64url) and the hash that is stored.
@@ -152,6 +176,32 @@ mod tests {
             username: "ann".into(),
             roles: vec!["admin".into()],
         }
+    }
+
+    #[test]
+    fn only_tokens_signed_for_api_keys_are_upstream_only() {
+        let issuer = TokenIssuer::ed25519(
+            "gw-1",
+            PEM,
+            "api-gateway",
+            "backend-suite",
+            Duration::from_secs(900),
+        )
+        .unwrap();
+        let keys = KeySet::from_jwks(&issuer.jwks().to_string()).unwrap();
+        let verifier = Verifier::new(keys, "api-gateway", "backend-suite");
+        let now = chrono::Utc::now().timestamp();
+        let (user_token, _) = issuer.issue(&user()).unwrap();
+        let user_claims = verifier.verify(&user_token, now).unwrap();
+        assert!(!is_upstream_only(&user_claims));
+        let roles = vec!["sender".to_owned()];
+        let (key_token, exp) = issuer
+            .issue_for_key("owner-1", &roles, Duration::from_secs(60))
+            .unwrap();
+        let key_claims = verifier.verify(&key_token, now).unwrap();
+        assert!(is_upstream_only(&key_claims), "{key_claims:?}");
+        assert_eq!((key_claims.sub.as_str(), key_claims.exp), ("owner-1", exp));
+        assert_eq!(key_claims.roles, roles);
     }
 
     #[test]

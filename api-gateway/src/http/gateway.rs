@@ -82,9 +82,17 @@ pub async fn forward(state: &AppState, request: Request) -> Response {
     let identity = Identity {
         subject: principal.user_id(),
         roles: principal.roles().to_vec(),
+        // Only an upstream that verifies tokens itself gets one signed for a key caller; the
+        // others trust `X-User-Id`, and one that echoed it would hand it to the caller.
         authorization: match &principal {
-            Principal::User(_) => None,
-            Principal::Key(key) => state.key_tokens.authorization(key),
+            Principal::Key(key) if state.proxy.verifies_tokens(target.upstream) => {
+                if crate::proxy::is_websocket_upgrade(request.headers()) {
+                    state.key_tokens.authorization_for_socket(key)
+                } else {
+                    state.key_tokens.authorization(key)
+                }
+            }
+            Principal::User(_) | Principal::Key(_) => None,
         },
     };
     let upstream = target.upstream.to_owned();
@@ -128,10 +136,7 @@ impl AppState {
                     })
                     .map(str::trim)
                     .ok_or(Refusal::Unauthenticated(AuthnError::Scheme))?;
-                self.tokens
-                    .verify(token, now)
-                    .map(Principal::User)
-                    .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))
+                self.verify_user_token(token, now)
             }
             (None, Some(value)) => {
                 let presented = value
@@ -157,12 +162,23 @@ impl AppState {
                     .then(|| query_token(query?))
                     .flatten()
                     .ok_or(Refusal::Unauthenticated(AuthnError::Missing))?;
-                self.tokens
-                    .verify(&token, now)
-                    .map(Principal::User)
-                    .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))
+                self.verify_user_token(&token, now)
             }
         }
+    }
+
+    /// A user's access token. One the gateway signed for an API-key caller to take upstream
+    /// is refused here: presented back, it would make the key its owner's session, past the
+    /// key's quota and its revocation, and through the rule that keys never manage keys.
+    fn verify_user_token(&self, token: &str, now: i64) -> Result<Principal, Refusal> {
+        let claims = self
+            .tokens
+            .verify(token, now)
+            .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))?;
+        if crate::tokens::is_upstream_only(&claims) {
+            return Err(Refusal::Unauthenticated(AuthnError::UpstreamOnly));
+        }
+        Ok(Principal::User(claims))
     }
 
     /// The limiter key, quota and policy name for `principal` on `rule`: a route with a
@@ -283,6 +299,10 @@ pub fn unauthenticated(error: &AuthnError) -> Response {
         AuthnError::Token(_) => (
             r#"Bearer realm="api-gateway", error="invalid_token""#,
             "the access token is invalid or expired",
+        ),
+        AuthnError::UpstreamOnly => (
+            r#"Bearer realm="api-gateway", error="invalid_token""#,
+            "this token was signed for an upstream on an API key's behalf; send the API key",
         ),
         AuthnError::UnknownKey => (
             r#"Bearer realm="api-gateway""#,

@@ -194,7 +194,8 @@ pub async fn list(
 
 /// `DELETE /admin/api-keys/{id}`: 204, and the key stops working: at once on this replica,
 /// as soon as the Redis message arrives on the others (within `API_KEY_CACHE_TTL` without
-/// Redis); 404 for an unknown id.
+/// Redis; a lookup already waiting on PostgreSQL answers its one request and is not cached);
+/// 404 for an unknown id.
 pub async fn revoke(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

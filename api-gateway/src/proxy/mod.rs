@@ -41,6 +41,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32};
 use tokio_util::sync::CancellationToken;
 
 pub use breaker::BreakerSettings;
+pub use headers::is_websocket_upgrade;
 
 use self::{breaker::Breaker, ring::Ring};
 
@@ -86,6 +87,11 @@ pub struct UpstreamSettings {
     /// Largest request body forwarded (413 past it).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Whether the upstream verifies the caller's access token itself, as the notifier does
+    /// through the JWKS. An API-key caller then goes there with a token the gateway signs for
+    /// the key; upstreams without it never see one and trust `X-User-Id`.
+    #[serde(default)]
+    pub verifies_tokens: bool,
 }
 
 fn default_health_path() -> String {
@@ -136,6 +142,7 @@ impl UpstreamSettings {
             retries: default_retries(),
             breaker: BreakerSettings::default(),
             max_body_bytes: default_max_body_bytes(),
+            verifies_tokens: false,
         }
     }
 }
@@ -547,6 +554,12 @@ impl Proxy {
     /// `/readyz`. An unknown upstream is not available.
     pub fn available(&self, upstream: &str) -> bool {
         self.find(upstream).is_some_and(Upstream::available)
+    }
+
+    /// Whether `upstream` verifies callers' tokens itself ([`UpstreamSettings::verifies_tokens`]).
+    pub fn verifies_tokens(&self, upstream: &str) -> bool {
+        self.find(upstream)
+            .is_some_and(|u| u.settings.verifies_tokens)
     }
 
     /// The configured upstream names.

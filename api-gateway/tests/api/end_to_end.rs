@@ -4,7 +4,7 @@
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
 use crate::helpers::*;
 
@@ -82,6 +82,38 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
     assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
     let frame = next_json(&mut socket).await;
     assert_eq!(frame["notification"]["title"], "from a key", "{frame}");
+
+    // The key opens a socket too: the notifier gets a token the gateway signed for the key's
+    // owner, and the owner's notifications arrive on it.
+    let mut request = format!(
+        "{}/api/notifications/v1/ws",
+        app.address.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("x-api-key", key.parse().unwrap());
+    let (mut key_socket, response) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("upgrade with an API key through the gateway failed");
+    assert_eq!(response.status(), 101);
+    let welcome = next_json(&mut key_socket).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let root_id = subject(root["access_token"].as_str().unwrap());
+    let sent = post_note(
+        &app,
+        |r| r.header("x-api-key", key),
+        &root_id,
+        "to the key's owner",
+    )
+    .await;
+    assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
+    let frame = next_json(&mut key_socket).await;
+    assert_eq!(
+        frame["notification"]["title"], "to the key's owner",
+        "{frame}"
+    );
 
     // Ann may not send (RBAC at the gateway, before the notifier is asked).
     let refused = post_note(&app, |r| r.bearer_auth(ann_token), &ann_id, "x").await;

@@ -94,6 +94,10 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
     );
     assert_eq!(call("/api/orders/1").await.unwrap().status(), 403);
 
+    // Upstreams that trust X-User-Id never see a token: one that echoed it would hand it
+    // to the caller.
+    assert!(header_values(&echo, "authorization").is_empty(), "{echo}");
+
     // Upstreams that verify a JWT themselves (the notifier) get one the gateway signed for
     // the key's owner and roles, short-lived, reused across requests.
     let authorization = |echo: &Value| {
@@ -101,7 +105,12 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
         assert_eq!(values.len(), 1, "{echo}");
         values[0].strip_prefix("Bearer ").unwrap().to_owned()
     };
-    let token = authorization(&echo);
+    let to_notifier = || async {
+        let response = call("/api/notifications/v1/users/me").await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.json::<Value>().await.unwrap()
+    };
+    let token = authorization(&to_notifier().await);
     let jwks = app
         .client
         .get(format!("{}/.well-known/jwks.json", app.address))
@@ -111,19 +120,62 @@ async fn an_admin_creates_a_key_that_authenticates_with_its_roles_until_revoked(
         .text()
         .await
         .unwrap();
-    let claims = jwks_verifier(&jwks)
+    let verifier = jwks_verifier(&jwks);
+    let claims = verifier
         .verify(&token, chrono::Utc::now().timestamp())
         .unwrap();
     assert_eq!(claims.sub, admin.id);
     assert_eq!(claims.roles, ["analyst"]);
     assert_eq!(claims.exp - claims.iat, 60);
-    let again: Value = call("/api/analytics/daily")
+    assert_eq!(
+        authorization(&to_notifier().await),
+        token,
+        "signed once, then reused"
+    );
+
+    // A WebSocket opened with the key gets a token of its own that lives as long as a user's
+    // access token, since the notifier closes a socket when its token expires.
+    let upgrade: Value = app
+        .client
+        .get(format!("{}/api/notifications/v1/ws", app.address))
+        .header("x-api-key", &key)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(authorization(&again), token, "signed once, then reused");
+    let socket_token = authorization(&upgrade);
+    let socket_claims = verifier
+        .verify(&socket_token, chrono::Utc::now().timestamp())
+        .unwrap();
+    assert_eq!(socket_claims.sub, admin.id);
+    assert_eq!(socket_claims.exp - socket_claims.iat, 15 * 60);
+
+    // Presented back to the gateway, such a token is refused: it would make the key its
+    // owner's session (another quota, past revocation, and able to manage keys).
+    for token in [&token, &socket_token] {
+        for path in ["/api/analytics/daily", "/admin/api-keys"] {
+            let response = app
+                .client
+                .get(format!("{}{path}", app.address))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 401, "{path}");
+            assert!(
+                response.headers()["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .contains("invalid_token")
+            );
+        }
+    }
 
     // Listed without the secret.
     let list: Value = app
