@@ -9,7 +9,8 @@
 //! The message is a hint, never the authority: PostgreSQL holds the revocation, and the
 //! cache's TTL still bounds how long a missed message can matter. When the subscription
 //! breaks (Redis down), messages published meanwhile are lost, so on subscribing again the
-//! replica drops its whole cache. A publish that fails is logged; the TTL covers it.
+//! replica drops its whole cache; a subscription that stops answering PING (half open) is
+//! dropped and made again the same way. A publish that fails is logged; the TTL covers it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,6 +30,12 @@ use crate::authn::KeyCache;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts to subscribe again.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a quiet subscription is asked whether it is still there, and how long its
+/// answer may take before it is dropped and made again.
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a connection and SUBSCRIBE may take.
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The channel, and what it needs to publish and listen.
 pub struct Revocations {
@@ -113,7 +120,7 @@ impl Revocations {
         let mut was_up = true;
         loop {
             match self.subscribe().await {
-                Ok(mut pubsub) => {
+                Ok(pubsub) => {
                     // Whatever was published while we were not listening is lost.
                     self.keys.clear();
                     self.subscribed.set(1);
@@ -122,21 +129,8 @@ impl Revocations {
                     }
                     was_up = true;
                     backoff = Duration::from_millis(100);
-                    let mut messages = pubsub.on_message();
-                    while let Some(message) = messages.next().await {
-                        let id = message
-                            .get_payload::<String>()
-                            .ok()
-                            .and_then(|text| text.parse::<Uuid>().ok());
-                        match id {
-                            Some(id) => {
-                                self.keys.evict(id);
-                                self.received.inc();
-                            }
-                            None => tracing::warn!("unreadable API-key revocation ignored"),
-                        }
-                    }
-                    self.lost(&mut was_up, "the subscription ended");
+                    let why = self.receive(pubsub).await;
+                    self.lost(&mut was_up, why);
                 }
                 Err(error) => self.lost(&mut was_up, &error.to_string()),
             }
@@ -145,10 +139,59 @@ impl Revocations {
         }
     }
 
+    /// Evicts every revoked key the subscription brings, until it ends or stops answering
+    /// a PING; returns why it is over. A connection that is half open (an idle timeout or a
+    /// failover in between drops it without a word) would otherwise look subscribed while
+    /// every message is lost.
+    async fn receive(&self, pubsub: redis::aio::PubSub) -> &'static str {
+        let (mut sink, mut messages) = pubsub.split();
+        let mut ping = tokio::time::interval(PING_INTERVAL);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.reset();
+        loop {
+            tokio::select! {
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return "the subscription ended";
+                    };
+                    let id = message
+                        .get_payload::<String>()
+                        .ok()
+                        .and_then(|text| text.parse::<Uuid>().ok());
+                    match id {
+                        Some(id) => {
+                            self.keys.evict(id);
+                            self.received.inc();
+                        }
+                        None => tracing::warn!("unreadable API-key revocation ignored"),
+                    }
+                }
+                _ = ping.tick() => {
+                    let answered = tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>());
+                    if !matches!(answered.await, Ok(Ok(_))) {
+                        return "the subscription stopped answering PING";
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new subscription; one that takes longer than [`SUBSCRIBE_TIMEOUT`] (a Redis that
+    /// accepts connections but does not answer) is given up and tried again.
     async fn subscribe(&self) -> redis::RedisResult<redis::aio::PubSub> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(&self.channel).await?;
-        Ok(pubsub)
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok(pubsub)
+        };
+        tokio::time::timeout(SUBSCRIBE_TIMEOUT, subscribe)
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "subscribing timed out",
+                )))
+            })
     }
 
     /// Logs the first failure of an outage, not every retry.

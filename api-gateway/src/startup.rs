@@ -197,14 +197,17 @@ impl Application {
                 stop_proxy.cancel();
             }
         };
-        let drained = common::http::serve(
+        // Whether serving ended well or not, the background tasks stop and the audit queue is
+        // flushed before this returns.
+        let served = common::http::serve(
             self.listener,
             PublicService::new(self.state),
             shutdown,
             serve_settings,
         )
-        .await
-        .context("server failed")?;
+        .await;
+        // The shutdown future (and with it the admin server's stop sender) is gone by now, so
+        // the admin server is stopping either way.
         let _ = admin.await;
         drop(stop_rx);
         stop_proxy.cancel();
@@ -221,6 +224,7 @@ impl Application {
         {
             tracing::error!("audit events still queued at exit: PostgreSQL is not taking them");
         }
+        let drained = served.context("server failed")?;
         if drained {
             tracing::info!("stopped cleanly");
         }

@@ -72,6 +72,25 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freezes it (SIGSTOP): its connections stay open and nothing answers, as when a
+    /// connection is half open. [`PrivateRedis::thaw`] lets it go on.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen Redis go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("cannot run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Stops it (a test restarts it with [`PrivateRedis::start`] on the same port).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

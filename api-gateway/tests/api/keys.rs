@@ -364,6 +364,29 @@ async fn a_revocation_missed_while_redis_was_down_applies_when_the_replica_subsc
 }
 
 #[tokio::test]
+async fn a_subscription_that_stops_answering_is_dropped_and_made_again() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = test_support::PrivateRedis::start(port);
+    let url = redis.url();
+    let app = spawn_app_with(move |settings, _| {
+        settings.redis_url = Some(url);
+        settings.api_key_cache_ttl = Duration::from_secs(300);
+    })
+    .await;
+    wait_for_metric(&app, "api_gateway_api_key_revocations_subscribed 1").await;
+    // Frozen, Redis keeps the connection open and answers nothing: without a PING the
+    // replica would go on looking subscribed while every revocation is lost.
+    redis.freeze();
+    wait_for_metric(&app, "api_gateway_api_key_revocations_subscribed 0").await;
+    redis.thaw();
+    wait_for_metric(&app, "api_gateway_api_key_revocations_subscribed 1").await;
+}
+
+#[tokio::test]
 async fn without_redis_a_revocation_reaches_the_other_replicas_within_the_cache_ttl() {
     // b cannot reach Redis (nothing listens on port 1): only its cache TTL bounds a stale key.
     let a = spawn_app_with(|settings, _| settings.api_key_cache_ttl = Duration::from_secs(1)).await;
