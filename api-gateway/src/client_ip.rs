@@ -12,7 +12,9 @@
 //! wrote itself sits further left and is never reached, unless every proxy on the way is
 //! trusted and passed it on, which is the configuration's promise. An entry that is not an
 //! address stops the walk at the proxy that wrote it, so a garbled header cannot make the
-//! gateway attribute requests to a chosen address.
+//! gateway attribute requests to a chosen address. A client inside a trusted network counts
+//! as a proxy, and may then name the address it is counted and logged as; so the list should
+//! hold the proxies' own addresses, not a range that clients share with them.
 
 use std::{net::IpAddr, str::FromStr};
 
