@@ -681,6 +681,10 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
             max_windows: 18,
         }
     };
+    // The service's own handler histogram over the phase tells a slow service from a wait
+    // outside it (the kernel, the runtimes' queues, the host).
+    const HANDLER: &str = "metrics_processor_http_request_duration_seconds";
+    let handler_before = scrape::metrics(&address).await?;
     let Paced {
         outcome: offered,
         steal_percent,
@@ -692,6 +696,18 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         Arc::new(batch_requests(64, 100, 7)),
     )
     .await?;
+    let handler = scrape::metrics(&address)
+        .await?
+        .get(HANDLER)
+        .map(|after| after.since(handler_before.get(HANDLER).unwrap_or(&Default::default())))
+        .with_context(|| format!("the service exports no {HANDLER}"))?;
+    let handler_p99_ms = handler.quantile_bound(0.99).map(|s| s * 1e3);
+    let handler_over = handler.above(0.000_8).unwrap_or(0);
+    let client_over = offered.latency_us().count_between(1_000, u64::MAX);
+    report.figure("http_paced_service_handler_p99_bucket_ms", handler_p99_ms);
+    report.figure("http_paced_service_handler_over_0_8_ms", handler_over);
+    report.figure("http_paced_service_handler_observations", handler.total());
+    report.figure("http_paced_client_over_1_ms", client_over);
     let offered_rate = (offered.accepted_requests * 100) as f64 / offered.elapsed.as_secs_f64();
     acknowledged += offered.accepted_requests * 100;
     report.figure("http_paced_failed_requests", offered.failed_requests);
@@ -744,6 +760,12 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         } else {
             "windows (too few were quiet)"
         },
+    );
+    println!(
+        "metrics: paced phase inside the service: handler p99 <= {} ms, {handler_over} of {} \
+         over 0.8 ms; {client_over} requests over 1 ms at the client",
+        handler_p99_ms.map_or("?".to_owned(), |ms| format!("{ms:.1}")),
+        handler.total(),
     );
     // A 3 % allowance for the schedule's start-up and tokio's 1 ms timer granularity.
     report.targets.push(Target::at_least(
