@@ -1,4 +1,5 @@
-//! Which address a request comes from, when the gateway may sit behind proxies of its own.
+//! Which address (and scheme) a request comes from, when the gateway may sit behind proxies
+//! of its own.
 //!
 //! The per-IP quota on `/auth/*` and the audit log's `ip` need the client's address. With no
 //! trusted proxies configured (the default) that is the TCP peer, and `X-Forwarded-For` is
@@ -101,6 +102,20 @@ impl TrustedProxies {
         self.0.iter().any(|network| network.contains(ip))
     }
 
+    /// The scheme the client used: `https` when the peer is a trusted proxy whose last
+    /// `X-Forwarded-Proto` entry says so (it ended TLS), `http`, the gateway's own, otherwise.
+    pub fn scheme(&self, peer: IpAddr, headers: &HeaderMap) -> &'static str {
+        let https = self.trusts(peer.to_canonical())
+            && headers
+                .get_all("x-forwarded-proto")
+                .iter()
+                .next_back()
+                .and_then(|line| line.to_str().ok())
+                .and_then(|line| line.rsplit(',').next())
+                .is_some_and(|entry| entry.trim().eq_ignore_ascii_case("https"));
+        if https { "https" } else { "http" }
+    }
+
     /// The client's address, for a request from `peer` carrying `headers`.
     pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let peer = peer.to_canonical();
@@ -147,6 +162,35 @@ mod tests {
             headers.append("x-forwarded-for", line.parse().unwrap());
         }
         headers
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_can_say_the_client_used_https() {
+        let proto = |lines: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append("x-forwarded-proto", line.parse().unwrap());
+            }
+            headers
+        };
+        let none = proxies(&[]);
+        let lb = proxies(&["10.0.0.5"]);
+        assert_eq!(none.scheme(ip("10.0.0.5"), &proto(&["https"])), "http");
+        assert_eq!(lb.scheme(ip("192.0.2.1"), &proto(&["https"])), "http");
+        assert_eq!(lb.scheme(ip("10.0.0.5"), &proto(&["https"])), "https");
+        assert_eq!(lb.scheme(ip("10.0.0.5"), &proto(&["HTTPS "])), "https");
+        assert_eq!(
+            lb.scheme(ip("::ffff:10.0.0.5"), &proto(&["https"])),
+            "https"
+        );
+        // The proxy's own entry is the last one; what came before it is the client's.
+        assert_eq!(lb.scheme(ip("10.0.0.5"), &proto(&["https, http"])), "http");
+        assert_eq!(
+            lb.scheme(ip("10.0.0.5"), &proto(&["http", "https"])),
+            "https"
+        );
+        assert_eq!(lb.scheme(ip("10.0.0.5"), &proto(&["gopher"])), "http");
+        assert_eq!(lb.scheme(ip("10.0.0.5"), &HeaderMap::new()), "http");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::{
     audit::Event,
     authn::{AuthnError, Principal},
     limiter::{Backend, Decision, Quota},
-    proxy::Identity,
+    proxy::{ForwardedProto, Identity},
 };
 
 /// What a 403 on `/api/*` tells the client.
@@ -28,7 +28,7 @@ const ROLES_DO_NOT_ALLOW: &str = "your roles do not allow this request";
 pub struct Proxied;
 
 /// Every proxied request.
-pub async fn forward(state: &AppState, request: Request) -> Response {
+pub async fn forward(state: &AppState, mut request: Request) -> Response {
     let ip = state.request_ip(&request);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -95,6 +95,8 @@ pub async fn forward(state: &AppState, request: Request) -> Response {
             Principal::User(_) | Principal::Key(_) => None,
         },
     };
+    let scheme = ForwardedProto(state.request_scheme(&request));
+    request.extensions_mut().insert(scheme);
     let upstream = target.upstream.to_owned();
     let mut response = state
         .proxy

@@ -238,6 +238,17 @@ impl AppState {
         Some(self.client_ip(*peer, request.headers()))
     }
 
+    /// The scheme the client used (see [`crate::client_ip::TrustedProxies::scheme`]).
+    pub fn request_scheme(&self, request: &Request) -> &'static str {
+        match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(peer)) => self
+                .settings
+                .trusted_proxies
+                .scheme(peer.ip(), request.headers()),
+            None => "http",
+        }
+    }
+
     /// The flag `/readyz` reports; cleared when shutdown starts.
     pub fn readiness(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.ready)

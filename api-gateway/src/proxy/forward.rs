@@ -129,7 +129,11 @@ pub(super) async fn forward(
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|info| info.0.ip());
-    headers::set_forwarded(&mut headers, client_ip);
+    let scheme = parts
+        .extensions
+        .get::<super::ForwardedProto>()
+        .map_or("http", |proto| proto.0);
+    headers::set_forwarded(&mut headers, client_ip, scheme);
 
     let max_attempts = if is_idempotent(&parts.method) {
         1 + (settings.retries as usize).min(pool.targets.len() - 1)

@@ -200,7 +200,7 @@ fn new_span_id() -> u64 {
 
 /// Appends the client's address to `X-Forwarded-For` (keeping what earlier proxies wrote),
 /// records the original `Host` in `X-Forwarded-Host`, and sets `X-Forwarded-Proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>) {
+pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, scheme: &'static str) {
     if let Some(ip) = client {
         let mut value = String::with_capacity(64);
         for earlier in headers.get_all(&X_FORWARDED_FOR) {
@@ -218,8 +218,9 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>) {
     if let Some(host) = headers.remove(header::HOST) {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    // The gateway listens on plain HTTP; TLS, when there is any, ends in front of it.
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    // The gateway listens on plain HTTP; TLS, when there is any, ends in front of it, and a
+    // trusted proxy there says so (see `client_ip::TrustedProxies::scheme`).
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
 }
 
 /// Writes `ip` as `Display` would; IPv4 by hand, since `Display` goes through the formatting

@@ -161,6 +161,12 @@ pub struct Identity {
     pub authorization: Option<axum::http::HeaderValue>,
 }
 
+/// The scheme the client used, put on the request by whoever knows it (the gateway handler,
+/// from a trusted proxy's `X-Forwarded-Proto`), and sent upstream as `X-Forwarded-Proto`.
+/// A request without it is sent as `http`, the gateway's own scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardedProto(pub &'static str);
+
 /// Labels of metrics about an upstream as a whole.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UpstreamLabel {

@@ -358,6 +358,33 @@ async fn login_from(app: &TestApp, forwarded_for: &str) -> u16 {
 }
 
 #[tokio::test]
+async fn x_forwarded_proto_says_https_only_when_a_trusted_proxy_does() {
+    let scheme_upstream_sees = |app: &TestApp| {
+        let request = app
+            .client
+            .get(format!("{}/api/orders/1", app.address))
+            .bearer_auth(token_for("u-1", &["user"]))
+            .header("x-forwarded-proto", "https")
+            .send();
+        async move {
+            let echo: Value = request.await.unwrap().json().await.unwrap();
+            header_values(&echo, "x-forwarded-proto")
+        }
+    };
+    // Anyone may write the header; by default the upstream is told the gateway's scheme.
+    let app = spawn_app().await;
+    assert_eq!(scheme_upstream_sees(&app).await, ["http"]);
+    app.shut_down().await;
+    // The test client's 127.0.0.1 as a trusted proxy that ended TLS.
+    let app = spawn_app_with(|settings, _| {
+        settings.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    assert_eq!(scheme_upstream_sees(&app).await, ["https"]);
+    app.shut_down().await;
+}
+
+#[tokio::test]
 async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     // Not trusted (the default): a client cannot escape its quota by claiming addresses.
     let app = spawn_app_with(|_, config| config.limits.auth_ip.limit = 2).await;
