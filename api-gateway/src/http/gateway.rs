@@ -95,8 +95,12 @@ pub async fn forward(state: &AppState, mut request: Request) -> Response {
             Principal::User(_) | Principal::Key(_) => None,
         },
     };
-    let scheme = ForwardedProto(state.request_scheme(&request));
-    request.extensions_mut().insert(scheme);
+    // Only the exception is marked: `http` is what the proxy sends when nothing says more,
+    // and an extension costs an allocation on every request.
+    let scheme = state.request_scheme(&request);
+    if scheme != "http" {
+        request.extensions_mut().insert(ForwardedProto(scheme));
+    }
     let upstream = target.upstream.to_owned();
     let mut response = state
         .proxy
