@@ -178,16 +178,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_tokens_signed_for_api_keys_are_upstream_only() {
-        let issuer = TokenIssuer::ed25519(
+    /// An EdDSA issuer signing with the fixture key.
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::ed25519(
             "gw-1",
             PEM,
             "api-gateway",
             "backend-suite",
             Duration::from_secs(900),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn only_tokens_signed_for_api_keys_are_upstream_only() {
+        let issuer = issuer();
         let keys = KeySet::from_jwks(&issuer.jwks().to_string()).unwrap();
         let verifier = Verifier::new(keys, "api-gateway", "backend-suite");
         let now = chrono::Utc::now().timestamp();
@@ -206,14 +211,7 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_through_the_published_jwks() {
-        let issuer = TokenIssuer::ed25519(
-            "gw-1",
-            PEM,
-            "api-gateway",
-            "backend-suite",
-            Duration::from_secs(900),
-        )
-        .unwrap();
+        let issuer = issuer();
         let (token, exp) = issuer.issue(&user()).unwrap();
         // What another service does: build its key set from the JWKS document alone.
         let keys = KeySet::from_jwks(&issuer.jwks().to_string()).unwrap();
