@@ -703,7 +703,8 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         .with_context(|| format!("the service exports no {HANDLER}"))?;
     let handler_p99_ms = handler.quantile_bound(0.99).map(|s| s * 1e3);
     let handler_over = handler.above(0.000_8).unwrap_or(0);
-    let client_over = offered.latency_us().count_between(1_000, u64::MAX);
+    let all_windows = offered.latency_us();
+    let client_over = all_windows.count_between(1_000, u64::MAX);
     report.figure("http_paced_service_handler_p99_bucket_ms", handler_p99_ms);
     report.figure("http_paced_service_handler_over_0_8_ms", handler_over);
     report.figure("http_paced_service_handler_observations", handler.total());
@@ -711,12 +712,7 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let offered_rate = (offered.accepted_requests * 100) as f64 / offered.elapsed.as_secs_f64();
     acknowledged += offered.accepted_requests * 100;
     report.figure("http_paced_failed_requests", offered.failed_requests);
-    latency_figures(
-        report,
-        "http_paced_event_latency",
-        &offered.latency_us(),
-        1e3,
-    );
+    latency_figures(report, "http_paced_event_latency", &all_windows, 1e3);
     let window_p99: Vec<f64> = offered
         .windows
         .iter()
@@ -731,10 +727,11 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         .collect();
     // At least two quiet windows (~10,000 samples), or the host never let the service be
     // measured alone and every window counts.
-    let judged = if quiet.len() >= 2 {
-        merged(quiet.iter().copied())
+    let on_quiet = quiet.len() >= 2;
+    let (judged, judged_windows) = if on_quiet {
+        (merged(quiet.iter().copied()), quiet.len())
     } else {
-        offered.latency_us()
+        (all_windows, window_p99.len())
     };
     let p99 = micros(&judged, 0.99) / 1e3;
     report.figure("http_paced_window_seconds", WINDOW.as_secs());
@@ -750,12 +747,8 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         WINDOW.as_secs(),
         list(&window_p99, 3),
         list(&steal_percent, 2),
-        if quiet.len() >= 2 {
-            quiet.len()
-        } else {
-            window_p99.len()
-        },
-        if quiet.len() >= 2 {
+        judged_windows,
+        if on_quiet {
             "quiet windows"
         } else {
             "windows (too few were quiet)"

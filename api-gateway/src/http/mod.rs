@@ -234,25 +234,28 @@ impl AppState {
 
     /// [`AppState::client_ip`] for a request whose peer `common::http::serve` recorded.
     pub fn request_ip(&self, request: &Request) -> Option<IpAddr> {
-        let ConnectInfo(peer) = request.extensions().get::<ConnectInfo<SocketAddr>>()?;
-        Some(self.client_ip(*peer, request.headers()))
+        Some(self.client_ip(peer(request)?, request.headers()))
     }
 
     /// The scheme the client used (see [`crate::client_ip::TrustedProxies::scheme`]).
     pub fn request_scheme(&self, request: &Request) -> &'static str {
-        match request.extensions().get::<ConnectInfo<SocketAddr>>() {
-            Some(ConnectInfo(peer)) => self
-                .settings
+        peer(request).map_or("http", |peer| {
+            self.settings
                 .trusted_proxies
-                .scheme(peer.ip(), request.headers()),
-            None => "http",
-        }
+                .scheme(peer.ip(), request.headers())
+        })
     }
 
     /// The flag `/readyz` reports; cleared when shutdown starts.
     pub fn readiness(&self) -> Arc<AtomicBool> {
         Arc::clone(&self.ready)
     }
+}
+
+/// The TCP peer `common::http::serve` recorded on `request`.
+fn peer(request: &Request) -> Option<SocketAddr> {
+    let ConnectInfo(peer) = request.extensions().get::<ConnectInfo<SocketAddr>>()?;
+    Some(*peer)
 }
 
 /// The route label of every proxied request in the HTTP metrics.
