@@ -41,7 +41,7 @@ use crate::{
     database::Database,
     report::{Report, Target},
     scrape,
-    service::{Service, cpu_seconds_of},
+    service::{CpuTime, Service, cpu_seconds_of, cpu_time_of},
 };
 
 const PRIVATE_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
@@ -172,6 +172,7 @@ async fn phases(
     // Closed loop: how many requests each path carries.
     let mut errors = 0u64;
     let mut throughput = [0.0f64; 3];
+    let mut cpu = [PhaseCpu::default(); 3];
     for (i, path) in Via::ALL.into_iter().enumerate() {
         let name = path.name();
         let before = CpuSnapshot::take(&upstream, &nginx, &gateway, redis).await;
@@ -196,12 +197,14 @@ async fn phases(
             &format!("{name}_closed_loop_latency"),
             &outcome.latency_us,
         );
-        after.record_since(report, &before, path, outcome.ok);
+        cpu[i] = after.record_since(report, &before, path, outcome.ok);
         errors += outcome.errors;
         if let Some(error) = &outcome.first_error {
             report.figure(&format!("{name}_closed_loop_first_error"), error.as_str());
         }
     }
+
+    cpu_ceiling(report, cpu[1], cpu[2]);
 
     // Open loop: the same rate for all three, below every one's capacity.
     let rate = (throughput.iter().copied().fold(f64::INFINITY, f64::min) * OPEN_LOOP_SHARE)
@@ -293,6 +296,35 @@ async fn phases(
     nginx.stop().await;
     upstream.stop().await;
     Ok(())
+}
+
+/// What the closed-loop phases' CPU says of the throughput goal. Every process of the run
+/// shares the machine's cores and each phase keeps them busy, so each path's throughput is
+/// about the cores over the CPU that all processes spend per request. Two figures follow:
+///
+/// - `gateway_vs_nginx_cpu_ratio`: nginx's path's CPU per request over the gateway's, which
+///   the measured throughput ratio should match if the model holds (the check on the model);
+/// - `gateway_vs_nginx_throughput_ceiling`: the ratio if the gateway's own code (its user
+///   time) cost no more than nginx's, with everything else as measured: the kernel's work for
+///   the gateway's sockets, Redis's decisions, the generator and the upstream. No rewrite of
+///   the gateway's code alone goes past it.
+fn cpu_ceiling(report: &mut Report, nginx: PhaseCpu, gateway: PhaseCpu) {
+    let model = nginx.total / gateway.total;
+    let ceiling = nginx.total / (gateway.total - gateway.proxy.user + nginx.proxy.user);
+    report.figure("gateway_vs_nginx_cpu_ratio", model);
+    report.figure("gateway_vs_nginx_throughput_ceiling", ceiling);
+    println!(
+        "gateway: CPU per request, all processes: {:.1} µs via nginx (nginx {:.1} user + {:.1} \
+         system), {:.1} µs via the gateway (gateway {:.1} user + {:.1} system, Redis {:.1}); \
+         ratio {model:.3}; with nginx's user time the gateway would reach {ceiling:.3}",
+        nginx.total,
+        nginx.proxy.user,
+        nginx.proxy.system,
+        gateway.total,
+        gateway.proxy.user,
+        gateway.proxy.system,
+        gateway.redis,
+    );
 }
 
 /// One user sends [`LIMITER_REQUESTS`] over both replicas at once; exactly the quota passes.
@@ -637,13 +669,23 @@ impl Inside {
     }
 }
 
-/// CPU seconds used so far by every process of the run.
+/// CPU seconds used so far by every process of the run; the proxies' user and system apart.
 struct CpuSnapshot {
     upstream: f64,
-    nginx: f64,
-    gateway: f64,
+    nginx: CpuTime,
+    gateway: CpuTime,
     generator: f64,
     redis: Option<f64>,
+}
+
+/// Where one closed-loop phase's CPU went, per request (µs).
+#[derive(Debug, Clone, Copy, Default)]
+struct PhaseCpu {
+    /// Every process of the run: generator, upstream, proxy and Redis.
+    total: f64,
+    /// The proxy's own code (user time), and the kernel's work on its behalf.
+    proxy: CpuTime,
+    redis: f64,
 }
 
 impl CpuSnapshot {
@@ -655,39 +697,69 @@ impl CpuSnapshot {
     ) -> Self {
         Self {
             upstream: upstream.cpu_seconds(),
-            nginx: nginx.cpu_seconds(),
-            gateway: gateway.cpu_seconds().unwrap_or(f64::NAN),
+            nginx: nginx.cpu_time(),
+            gateway: gateway.cpu_time().unwrap_or(CpuTime {
+                user: f64::NAN,
+                system: f64::NAN,
+            }),
             generator: cpu_seconds_of("/proc/self/stat").unwrap_or(f64::NAN),
             redis: redis.cpu_seconds().await,
         }
     }
 
-    /// Records where the CPU went between `before` and now, while `path` carried `requests`.
-    fn record_since(&self, report: &mut Report, before: &Self, path: Via, requests: u64) {
+    /// Records where the CPU went between `before` and now, while `path` carried `requests`,
+    /// and returns it per request.
+    fn record_since(
+        &self,
+        report: &mut Report,
+        before: &Self,
+        path: Via,
+        requests: u64,
+    ) -> PhaseCpu {
         let name = path.name();
         let proxy = match path {
             Via::Direct => None,
             Via::Nginx => Some(self.nginx - before.nginx),
             Via::Gateway => Some(self.gateway - before.gateway),
         };
-        report.figure(
-            &format!("{name}_cpu_seconds_upstream"),
-            self.upstream - before.upstream,
-        );
-        report.figure(
-            &format!("{name}_cpu_seconds_generator"),
-            self.generator - before.generator,
-        );
-        if let (Some(now), Some(then)) = (self.redis, before.redis) {
-            report.figure(&format!("{name}_cpu_seconds_redis"), now - then);
-        }
-        if let Some(proxy) = proxy {
-            report.figure(&format!("{name}_cpu_seconds_proxy"), proxy);
+        let upstream = self.upstream - before.upstream;
+        let generator = self.generator - before.generator;
+        report.figure(&format!("{name}_cpu_seconds_upstream"), upstream);
+        report.figure(&format!("{name}_cpu_seconds_generator"), generator);
+        let redis = match (self.redis, before.redis) {
+            (Some(now), Some(then)) => {
+                report.figure(&format!("{name}_cpu_seconds_redis"), now - then);
+                now - then
+            }
+            _ => 0.0,
+        };
+        let per_request = |seconds: f64| seconds / requests.max(1) as f64 * 1e6;
+        let proxy = proxy.unwrap_or_default();
+        if path != Via::Direct {
+            report.figure(&format!("{name}_cpu_seconds_proxy"), proxy.total());
             report.figure(
                 &format!("{name}_proxy_cpu_us_per_request"),
-                proxy / requests.max(1) as f64 * 1e6,
+                per_request(proxy.total()),
+            );
+            report.figure(
+                &format!("{name}_proxy_user_cpu_us_per_request"),
+                per_request(proxy.user),
+            );
+            report.figure(
+                &format!("{name}_proxy_system_cpu_us_per_request"),
+                per_request(proxy.system),
             );
         }
+        let cpu = PhaseCpu {
+            total: per_request(upstream + generator + proxy.total() + redis),
+            proxy: CpuTime {
+                user: per_request(proxy.user),
+                system: per_request(proxy.system),
+            },
+            redis: per_request(redis),
+        };
+        report.figure(&format!("{name}_all_cpu_us_per_request"), cpu.total);
+        cpu
     }
 }
 
@@ -711,7 +783,12 @@ impl Process {
 
     /// CPU seconds of the process and its children (nginx's workers).
     fn cpu_seconds(&self) -> f64 {
-        let mut total = cpu_seconds_of(&format!("/proc/{}/stat", self.pid)).unwrap_or(0.0);
+        self.cpu_time().total()
+    }
+
+    /// CPU time of the process and its children (nginx's workers), user and system apart.
+    fn cpu_time(&self) -> CpuTime {
+        let mut total = cpu_time_of(&format!("/proc/{}/stat", self.pid)).unwrap_or_default();
         let Ok(entries) = std::fs::read_dir("/proc") else {
             return total;
         };
@@ -733,7 +810,7 @@ impl Process {
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                 .and_then(|p| p.parse::<u32>().ok());
             if parent == Some(self.pid) {
-                total += cpu_seconds_of(&stat_path).unwrap_or(0.0);
+                total = total + cpu_time_of(&stat_path).unwrap_or_default();
             }
         }
         total

@@ -92,8 +92,13 @@ impl Service {
 
     /// CPU time the service has used so far (user + system), in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.cpu_time().map(CpuTime::total)
+    }
+
+    /// The service's CPU time so far, user and system apart.
+    pub fn cpu_time(&self) -> anyhow::Result<CpuTime> {
         let pid = self.child.id().context("the service has exited")?;
-        cpu_seconds_of(&format!("/proc/{pid}/stat"))
+        cpu_time_of(&format!("/proc/{pid}/stat"))
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took and whether it was clean.
@@ -119,18 +124,60 @@ impl Service {
 
 /// User + system CPU seconds from a `/proc/<pid>/stat` file (clock ticks of 1/100 s).
 pub fn cpu_seconds_of(stat_path: &str) -> anyhow::Result<f64> {
+    cpu_time_of(stat_path).map(|time| time.user + time.system)
+}
+
+/// CPU seconds a process spent in its own code and in the kernel on its behalf.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for CpuTime {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = Self;
+    fn sub(self, other: Self) -> Self {
+        Self {
+            user: self.user - other.user,
+            system: self.system - other.system,
+        }
+    }
+}
+
+/// User and system CPU seconds from a `/proc/<pid>/stat` file (clock ticks of 1/100 s).
+pub fn cpu_time_of(stat_path: &str) -> anyhow::Result<CpuTime> {
     let stat = std::fs::read_to_string(stat_path)
         .with_context(|| format!("failed to read {stat_path}"))?;
     // Fields after the `(comm)`, which may hold spaces: state is field 3, utime 14, stime 15.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
+    let seconds = |i: usize| {
         fields
             .get(i)
             .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
+            .unwrap_or(0) as f64
+            / 100.0
     };
-    Ok((ticks(11) + ticks(12)) as f64 / 100.0)
+    Ok(CpuTime {
+        user: seconds(11),
+        system: seconds(12),
+    })
 }
 
 /// Reads VmRSS and VmHWM from a `/proc/<pid>/status` file.
@@ -146,4 +193,40 @@ pub fn memory_of(status_path: &str) -> anyhow::Result<(u64, u64)> {
             .map_or(0, |kb| kb * 1024)
     };
     Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_reads_user_and_system_ticks_past_a_command_name_with_spaces() {
+        let dir = std::env::temp_dir().join(format!("loadtest-stat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stat");
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime ...
+        std::fs::write(
+            &path,
+            "42 (nginx: worker (x)) S 1 42 42 0 -1 4194560 10 0 0 0 250 75 0 0 20 0 1 0",
+        )
+        .unwrap();
+        let time = cpu_time_of(path.to_str().unwrap()).unwrap();
+        assert_eq!((time.user, time.system), (2.5, 0.75));
+        assert_eq!(cpu_seconds_of(path.to_str().unwrap()).unwrap(), 3.25);
+        let since = time
+            - CpuTime {
+                user: 0.5,
+                system: 0.25,
+            };
+        assert_eq!((since.user, since.system), (2.0, 0.5));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_is_counted() {
+        let time = cpu_time_of("/proc/self/stat").unwrap();
+        assert!(time.user >= 0.0 && time.system >= 0.0);
+        assert!(cpu_time_of("/proc/self/no-such-file").is_err());
+    }
 }
