@@ -412,7 +412,7 @@ impl Limiter {
             tracing::info!("rate limits counted in this process only: no REDIS_URL (one replica)");
             return Ok(limiter);
         };
-        match redis.ping().await {
+        match redis.probe(limiter.inner.clock.now_micros()).await {
             Ok(()) => limiter.mark_up(),
             Err(error) => {
                 limiter.inner.metrics.redis_errors.inc();
@@ -542,7 +542,7 @@ async fn probe(inner: Weak<Inner>) {
         if limiter.redis_up() {
             continue;
         }
-        match redis.ping().await {
+        match redis.probe(limiter.inner.clock.now_micros()).await {
             Ok(()) => limiter.mark_up(),
             Err(error) => {
                 limiter.inner.metrics.redis_errors.inc();

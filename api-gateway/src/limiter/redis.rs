@@ -60,10 +60,10 @@ struct Pending {
     reply: oneshot::Sender<Result<Verdict, Failure>>,
 }
 
-/// The connection (reconnecting by itself) and the queue of the task that batches decisions.
+/// The queue of the task that batches decisions, which owns the connection (reconnecting
+/// by itself).
 #[derive(Clone)]
 pub(crate) struct RedisWindow {
-    conn: ConnectionManager,
     queue: mpsc::Sender<Pending>,
     prefix: String,
     timeout: Duration,
@@ -94,14 +94,13 @@ impl RedisWindow {
         tokio::spawn(batch_decisions(
             pending,
             Batches {
-                conn: conn.clone(),
+                conn,
                 script: Script::new(SLIDING_WINDOW_SCRIPT),
                 timeout,
                 size: batch_size,
             },
         ));
         Ok(Self {
-            conn,
             queue,
             prefix: prefix.to_owned(),
             timeout,
@@ -139,23 +138,26 @@ impl RedisWindow {
             .unwrap_or_else(|_| Err(Failure::new("no answer within the limiter's Redis timeout")))
     }
 
-    /// Whether Redis answers; a first failure on a dead connection makes the manager
-    /// reconnect, so a second try follows at once.
-    pub(crate) async fn ping(&self) -> RedisResult<()> {
-        let mut conn = self.conn.clone();
-        let first: RedisResult<String> =
-            bounded(self.timeout, redis::cmd("PING").query_async(&mut conn)).await;
-        match first {
+    /// Whether Redis takes decisions: one real decision, through the batching task, on a key
+    /// of the limiter's own. A `PING` would not do: a Redis that answers it may still refuse
+    /// the script's writes (`READONLY` after a failover, `OOM` at `maxmemory`, `MISCONF`),
+    /// and every probe would then put the limiter back on Redis for one failed call. A first
+    /// failure on a dead connection makes the manager reconnect, so a second try follows.
+    pub(crate) async fn probe(&self, now: u64) -> Result<(), Failure> {
+        let decide = || self.check(PROBE_KEY, now, PROBE_WINDOW_MICROS, PROBE_LIMIT);
+        match decide().await {
             Ok(_) => Ok(()),
-            Err(_) => bounded(
-                self.timeout,
-                redis::cmd("PING").query_async::<String>(&mut conn),
-            )
-            .await
-            .map(drop),
+            Err(_) => decide().await.map(drop),
         }
     }
 }
+
+/// The probe's key (after the prefix): no caller's key looks like it, since those start with
+/// `user:`, `key:` or `ip:`.
+const PROBE_KEY: &str = "limiter-probe";
+/// The probe's quota: far more than probes ever come, in a window that expires soon.
+const PROBE_WINDOW_MICROS: u64 = 1_000_000;
+const PROBE_LIMIT: u64 = 1_000_000;
 
 /// The batching task: takes what is queued, up to [`MAX_BATCH`], whenever fewer than
 /// [`IN_FLIGHT`] calls are outstanding, and answers each decision when its call returns.
@@ -193,7 +195,14 @@ struct Batches {
 
 impl Batches {
     /// One script call for `batch`; every decision in it gets the verdict or the failure.
-    async fn decide(&self, batch: Vec<Pending>) {
+    /// A decision whose caller has stopped waiting (timed out and decided by the down
+    /// policy, or gone with its client) is not sent: counted in Redis it would use quota for
+    /// a request that Redis did not decide.
+    async fn decide(&self, mut batch: Vec<Pending>) {
+        batch.retain(|pending| !pending.reply.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         self.size.observe(batch.len() as f64);
         let mut conn = self.conn.clone();
         let mut invocation = self.script.prepare_invoke();
@@ -209,7 +218,9 @@ impl Batches {
         let failure = match reply.map(|flat| verdicts(&flat, batch.len()).ok_or(flat.len())) {
             Ok(Ok(verdicts)) => {
                 for (pending, verdict) in batch.into_iter().zip(verdicts) {
-                    // A caller that timed out has gone; its verdict is dropped.
+                    // A caller that timed out while the call was out has gone; its verdict
+                    // is dropped (Redis counted it: a reply that comes too late cannot be
+                    // taken back).
                     let _ = pending.reply.send(Ok(verdict));
                 }
                 return;
@@ -311,6 +322,55 @@ mod tests {
             ])
         );
         assert_eq!(verdicts(&[], 0), Some(vec![]));
+    }
+
+    fn observations(histogram: &Histogram) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("batch", "", histogram.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .filter(|line| line.starts_with("batch_count") || line.starts_with("batch_sum"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn pending(key: &str) -> (Pending, oneshot::Receiver<Result<Verdict, Failure>>) {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            key: key.to_owned(),
+            now: 1,
+            window: 60_000_000,
+            limit: 10,
+            reply,
+        };
+        (pending, answer)
+    }
+
+    #[tokio::test]
+    async fn decisions_whose_callers_stopped_waiting_are_not_sent() {
+        // Nothing listens on port 1: a call that goes out fails, and says so to its caller.
+        let client = redis::Client::open("redis://127.0.0.1:1").unwrap();
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_number_of_retries(0);
+        let batches = Batches {
+            conn: ConnectionManager::new_lazy_with_config(client, config).unwrap(),
+            script: Script::new(SLIDING_WINDOW_SCRIPT),
+            timeout: Duration::from_millis(500),
+            size: Histogram::new([1.0, 2.0, 4.0]),
+        };
+
+        let gone: Vec<_> = (0..3).map(|i| pending(&format!("k{i}")).0).collect();
+        batches.decide(gone).await;
+        assert_eq!(observations(&batches.size), "batch_sum 0.0 batch_count 0");
+
+        let (waiting, answer) = pending("k3");
+        let mut batch: Vec<_> = (4..6).map(|i| pending(&format!("k{i}")).0).collect();
+        batch.insert(1, waiting);
+        batches.decide(batch).await;
+        assert_eq!(observations(&batches.size), "batch_sum 1.0 batch_count 1");
+        assert!(answer.await.unwrap().is_err());
     }
 
     #[test]

@@ -212,14 +212,17 @@ async fn limiter_concurrent_decisions_share_script_calls_and_each_is_decided_as_
         // Exactly the quota, and each admitted decision saw every one before it: 19, 18, … 0.
         assert_eq!(remaining, (0..20).collect::<Vec<u32>>(), "{key}");
     }
+    // The start's probe was one decision in one call of its own.
     let calls: u64 = metric(&registry, "api_gateway_limiter_redis_batch_size_count")
         .unwrap()
-        .parse()
-        .unwrap();
+        .parse::<u64>()
+        .unwrap()
+        - 1;
     let carried: f64 = metric(&registry, "api_gateway_limiter_redis_batch_size_sum")
         .unwrap()
-        .parse()
-        .unwrap();
+        .parse::<f64>()
+        .unwrap()
+        - 1.0;
     assert_eq!(carried, f64::from(keys * per_key));
     assert!(
         calls < u64::from(keys * per_key),
@@ -411,6 +414,77 @@ async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_b
         "Redis back in use {:?} after the restart",
         restarted.elapsed()
     );
+}
+
+/// A Redis that answers `PING` but refuses writes (here `READONLY`, as a replica after a
+/// failover; `OOM` and `MISCONF` look the same to the limiter) is down for the limiter: the
+/// probe makes a real decision, so the local counts are not cleared every probe interval,
+/// and the limiter comes back once writes are taken again.
+#[tokio::test]
+async fn limiter_a_redis_that_answers_ping_but_refuses_writes_stays_down() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = PrivateRedis::start(port);
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let probe_interval = Duration::from_millis(100);
+    let settings = LimiterSettings {
+        redis_timeout: Duration::from_millis(500),
+        probe_interval,
+        ..settings(Some(server.url()), &fresh_prefix())
+    };
+    let (limiter, registry) = limiter(settings, Arc::new(SystemClock)).await;
+    assert!(limiter.redis_up());
+    let quota = Quota::per_minute(3);
+
+    // A replica of a primary that does not exist: it answers PING, refuses every write.
+    let _: String = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(1)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: String = redis::cmd("PING").query_async(&mut admin).await.unwrap();
+
+    let mut backends = Vec::new();
+    let mut admitted = 0;
+    for _ in 0..6 {
+        let decision = limiter.check("user:frank", quota).await;
+        backends.push(decision.backend);
+        admitted += u32::from(decision.allowed);
+        // Several probe intervals between decisions: each probe meets the refusal.
+        tokio::time::sleep(probe_interval * 3).await;
+    }
+    assert!(
+        backends.iter().all(|b| *b == Backend::Local),
+        "{backends:?}"
+    );
+    assert_eq!(admitted, 3, "the local count was reset: {backends:?}");
+    assert!(!limiter.redis_up());
+    assert_eq!(
+        metric(&registry, "api_gateway_limiter_redis_up").unwrap(),
+        "0"
+    );
+
+    let _: String = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let writable = Instant::now();
+    while !limiter.redis_up() {
+        assert!(
+            writable.elapsed() < probe_interval * 2 + Duration::from_secs(1),
+            "Redis not back in use after {:?}",
+            writable.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(burst(&limiter, "user:frank", quota, 4).await, 3);
 }
 
 /// The sliding window (production script, through the limiter) and GCRA (its comparison
