@@ -25,6 +25,22 @@ use axum::http::HeaderMap;
 /// long (the head size limit bounds it too).
 const MAX_HOPS: usize = 32;
 
+/// The per-IP limiter's key for a client at `ip`. An IPv4 client is one address; an IPv6
+/// client is its /64, the smallest network a site is given (RFC 6177), since a host can
+/// take any address in it (privacy addresses change on their own) and would otherwise get
+/// a fresh quota with each one. An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) counts
+/// as itself.
+pub fn limit_key(ip: Option<IpAddr>) -> String {
+    match ip.as_ref().map(IpAddr::to_canonical) {
+        Some(IpAddr::V4(v4)) => format!("ip:{v4}"),
+        Some(IpAddr::V6(v6)) => {
+            let network = std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX));
+            format!("ip:{network}/64")
+        }
+        None => "ip:unknown".to_owned(),
+    }
+}
+
 /// A network: an address and how many of its leading bits are fixed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Network {
@@ -147,6 +163,21 @@ impl TrustedProxies {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_are_limited_by_their_64_and_ipv4_by_address() {
+        let key = |ip: &str| limit_key(Some(ip.parse().unwrap()));
+        assert_eq!(key("203.0.113.7"), "ip:203.0.113.7");
+        assert_eq!(key("::ffff:203.0.113.7"), "ip:203.0.113.7");
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "ip:2001:db8:1:2::/64");
+        assert_eq!(
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            "ip:2001:db8:1:2::/64"
+        );
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::1"), "ip:::/64");
+        assert_eq!(limit_key(None), "ip:unknown");
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

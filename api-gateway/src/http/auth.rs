@@ -180,10 +180,7 @@ pub async fn logout(
 /// The per-IP quota on `/auth/*`, against password guessing and token stuffing.
 pub async fn limit_by_ip(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let ip = state.request_ip(&request);
-    let key = match ip {
-        Some(ip) => format!("ip:{ip}"),
-        None => "ip:unknown".to_owned(),
-    };
+    let key = crate::client_ip::limit_key(ip);
     let decision = state.limiter.check(&key, state.limits.auth_ip).await;
     let what = request.uri().path().to_owned();
     if let Some(refused) = state.refuse_over_limit(&decision, None, ip, "auth-ip", &what) {

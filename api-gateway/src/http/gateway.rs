@@ -199,11 +199,11 @@ impl AppState {
             Principal::User(claims) => (format!("user:{}", claims.sub), self.limits.user, "user"),
             Principal::Key(key) => (
                 format!("key:{}", key.id),
+                // Creation refuses a quota the limiter cannot count exactly; one stored
+                // before that check counts by the default for keys.
                 key.limit
-                    .map_or(self.limits.api_key, |(limit, window)| Quota {
-                        limit,
-                        window,
-                    }),
+                    .and_then(|(limit, window)| Quota::new(limit, window).ok())
+                    .unwrap_or(self.limits.api_key),
                 "api-key",
             ),
         };
@@ -260,8 +260,14 @@ impl AppState {
             return None;
         }
         if decision.backend == Backend::Closed {
+            // The limiter tries Redis again after its probe interval, which the decision
+            // carries as its retry.
+            let retry = decision.retry_after.map_or(1, |wait| {
+                u32::try_from(wait.as_secs().max(1)).unwrap_or(u32::MAX)
+            });
             return Some(
-                Problem::unavailable("rate limits cannot be checked right now", 1).into_response(),
+                Problem::unavailable("rate limits cannot be checked right now", retry)
+                    .into_response(),
             );
         }
         let mut event = Event::new("rate_limit", "limited")

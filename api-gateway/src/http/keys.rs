@@ -342,7 +342,9 @@ fn limit(value: Option<Value>) -> Result<Option<(u32, std::time::Duration)>, Pro
             "has fields other than limit and window",
         ));
     }
-    Ok(Some((count as u32, window)))
+    let quota = crate::limiter::Quota::new(count as u32, window)
+        .map_err(|reason| Problem::invalid_field("limit", reason))?;
+    Ok(Some((quota.limit, quota.window)))
 }
 
 fn describe(key: &ApiKey) -> Value {

@@ -325,6 +325,27 @@ async fn a_route_with_its_own_quota_counts_apart() {
 }
 
 #[tokio::test]
+async fn with_redis_down_and_the_closed_policy_requests_get_503_until_the_next_probe() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("redis://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let app = spawn_app_with(|settings, _| {
+        settings.redis_url = Some(url);
+        settings.rate_limit_redis_down = api_gateway::limiter::RedisDownPolicy::Closed;
+        settings.rate_limit_probe_interval = Duration::from_secs(7);
+    })
+    .await;
+    let response = app
+        .get_as("/api/orders/1", &token_for(USER, &["user"]))
+        .await;
+    assert_eq!(response.status(), 503);
+    // The limiter tries Redis again after its probe interval: retrying sooner gets the same.
+    assert_eq!(response.headers()["retry-after"], "7");
+    let body = problem(response, 503, None).await;
+    assert_eq!(body["detail"], "rate limits cannot be checked right now");
+}
+
+#[tokio::test]
 async fn auth_endpoints_are_limited_per_ip() {
     let app = spawn_app_with(|_, config| {
         config.limits.auth_ip.limit = 3;
@@ -410,6 +431,11 @@ async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
     assert_eq!(login_from(&app, "203.0.113.3, not-an-address").await, 401);
     assert_eq!(login_from(&app, "203.0.113.4:1234").await, 401);
     assert_eq!(login_from(&app, "").await, 429);
+    // An IPv6 client is counted by its /64: a new address in it is no new quota.
+    assert_eq!(login_from(&app, "2001:db8:7:1::1").await, 401);
+    assert_eq!(login_from(&app, "2001:db8:7:1::2").await, 401);
+    assert_eq!(login_from(&app, "2001:db8:7:1:ffff::3").await, 429);
+    assert_eq!(login_from(&app, "2001:db8:7:2::1").await, 401);
     let database_url = app.database_url.clone();
     app.shut_down().await;
 
@@ -428,7 +454,10 @@ async fn x_forwarded_for_names_the_client_only_behind_a_trusted_proxy() {
             "203.0.113.1",
             "203.0.113.2",
             "127.0.0.1",
-            "127.0.0.1"
+            "127.0.0.1",
+            "2001:db8:7:1::1",
+            "2001:db8:7:1::2",
+            "2001:db8:7:2::1"
         ]
     );
 }

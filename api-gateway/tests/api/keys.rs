@@ -499,6 +499,11 @@ async fn only_signed_in_admins_manage_keys_and_bad_bodies_are_named() {
             "limit",
         ),
         (json!({ "name": "x", "limit": 5 }), "limit"),
+        // Within each bound, but past what the limiter counts exactly (2^53 µs).
+        (
+            json!({ "name": "x", "limit": { "limit": 10_000_000, "window": "1d" } }),
+            "limit",
+        ),
         (json!({ "name": "x", "extra": true }), "extra"),
     ] {
         let response = create_key(&app, &admin.token, &body).await;
