@@ -33,8 +33,14 @@ pub enum Rotation {
         family_id: Uuid,
     },
     /// The token was spent moments ago and its successor is still unused: a client racing
-    /// itself (two tabs refreshing at once). Refused, nothing revoked.
-    Raced,
+    /// itself (two tabs refreshing at once). Refused, nothing revoked; audited with the
+    /// family, so that a thief who refreshed first is on the record.
+    Raced {
+        /// Whose family it is.
+        user_id: Uuid,
+        /// The family.
+        family_id: Uuid,
+    },
     /// The token had been spent before: a copy is in someone else's hands. The whole family
     /// is revoked now.
     Reused {
@@ -215,6 +221,12 @@ impl Store {
 
     /// Spends the token hashed `presented` and stores `next` in its place, atomically: of
     /// concurrent rotations of one token exactly one finds it unspent.
+    ///
+    /// Rotation, reuse detection and logout each hold their family's lock
+    /// ([`lock_family`]) for their whole transaction. Without it a revocation (one `UPDATE`
+    /// of the family, under READ COMMITTED) that ran while a rotation was inserting the
+    /// successor saw only the rows committed when it started: it revoked the presented token
+    /// and missed the successor, which then stayed live and went on rotating.
     pub async fn rotate(
         &self,
         presented: &[u8],
@@ -223,6 +235,10 @@ impl Store {
         race_grace: Duration,
     ) -> Result<Rotation, StoreError> {
         let mut tx = self.pool.begin().await?;
+        if !lock_family(&mut tx, presented).await? {
+            tx.rollback().await?;
+            return Ok(Rotation::Invalid);
+        }
         let next_id = Uuid::now_v7();
         // The row lock taken here makes a concurrent rotation of the same token wait, then
         // find it spent.
@@ -291,7 +307,7 @@ impl Store {
         }
         if recent && successor_unused == Some(true) {
             tx.rollback().await?;
-            return Ok(Rotation::Raced);
+            return Ok(Rotation::Raced { user_id, family_id });
         }
         sqlx::query(
             "UPDATE refresh_tokens SET revoked_at = now() WHERE family_id = $1 AND revoked_at IS NULL",
@@ -303,12 +319,19 @@ impl Store {
         Ok(Rotation::Reused { user_id, family_id })
     }
 
-    /// Revokes the family of the token hashed `presented` (logout). Returns the user and
-    /// family when the token was known.
+    /// Revokes the family of the token hashed `presented` (logout), successors being issued
+    /// at this moment included (see [`Store::rotate`]). Returns the user and family when the
+    /// token was known.
     pub async fn revoke_family(
         &self,
         presented: &[u8],
     ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !lock_family(&mut tx, presented).await? {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        // A statement of its own, after the lock: its snapshot holds every committed rotation.
         let row = sqlx::query(
             "WITH t AS (SELECT family_id, user_id FROM refresh_tokens WHERE token_hash = $1),
                   r AS (UPDATE refresh_tokens SET revoked_at = now()
@@ -316,8 +339,9 @@ impl Store {
              SELECT family_id, user_id FROM t",
         )
         .bind(presented)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(row.map(|row| (row.get(1), row.get(0))))
     }
 
@@ -403,4 +427,32 @@ impl Store {
         .await?;
         Ok(row.as_ref().map(api_key))
     }
+}
+
+/// The first key of the refresh-family locks (the two-key form: a key space apart from the
+/// audit chain's one-key lock).
+const REFRESH_FAMILY_LOCK: i32 = 0x7266_616d; // "rfam"
+
+/// Takes, for the rest of `tx`, the lock of the family of the refresh token hashed
+/// `presented`; false for a token that is not stored. The family is read without a lock
+/// first, so every transaction takes the family lock before any row lock and none waits
+/// for the other in a cycle.
+async fn lock_family(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    presented: &[u8],
+) -> Result<bool, StoreError> {
+    let family: Option<Uuid> =
+        sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+            .bind(presented)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(family) = family else {
+        return Ok(false);
+    };
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2::uuid::text))")
+        .bind(REFRESH_FAMILY_LOCK)
+        .bind(family)
+        .execute(&mut **tx)
+        .await?;
+    Ok(true)
 }

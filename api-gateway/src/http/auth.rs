@@ -61,14 +61,19 @@ pub async fn login(
     })
     .await
     .map_err(|_| Problem::internal())?;
-    let Some(user) = user.filter(|_| valid) else {
-        count(&state.metrics.logins, "invalid_credentials");
-        state.audit.record(
-            Event::new("login", "failure")
-                .ip(Some(state.client_ip(peer, &headers)))
-                .detail(format!("user name {username:?}")),
-        );
-        return Err(invalid_credentials());
+    let user = match user {
+        Some(user) if valid => user,
+        user => {
+            count(&state.metrics.logins, "invalid_credentials");
+            // The name is not recorded: a password typed into the name field would be in the
+            // trail. A known user is the subject; an unknown name is only said to be unknown.
+            let event = Event::new("login", "failure").ip(Some(state.client_ip(peer, &headers)));
+            state.audit.record(match user {
+                Some(user) => event.subject(user.id.to_string()).detail("wrong password"),
+                None => event.detail("unknown user name"),
+            });
+            return Err(invalid_credentials());
+        }
     };
     let (refresh, hash) = new_refresh_token();
     let expires = refresh_expiry(&state);
@@ -117,9 +122,14 @@ pub async fn refresh(
             );
             token_pair(&state, &user, next)
         }
-        Rotation::Raced => {
+        Rotation::Raced { user_id, family_id } => {
             count(&state.metrics.refreshes, "raced");
-            state.audit.record(Event::new("refresh", "raced").ip(ip));
+            state.audit.record(
+                Event::new("refresh", "raced")
+                    .subject(user_id.to_string())
+                    .ip(ip)
+                    .detail(format!("family {family_id}")),
+            );
             Err(Problem::new(
                 StatusCode::CONFLICT,
                 "refresh-raced",

@@ -188,6 +188,57 @@ async fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
     // The winner's pair is intact: the race revoked nothing.
     let next = winners[0]["refresh_token"].as_str().unwrap();
     assert_eq!(app.refresh(next).await.status(), 200);
+
+    // Each loser is on the record with the user and the family, in case the winner was a
+    // thief.
+    let app = std::sync::Arc::into_inner(app).unwrap();
+    let database_url = app.database_url.clone();
+    app.shut_down().await;
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let ann: String = sqlx::query_scalar("SELECT id::text FROM users WHERE username = 'ann'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let raced: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT subject, detail FROM audit_log WHERE action = 'refresh' AND outcome = 'raced'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(raced.len(), 7);
+    for (subject, detail) in raced {
+        assert_eq!(subject.as_deref(), Some(ann.as_str()));
+        assert!(detail.is_some_and(|d| d.starts_with("family ")));
+    }
+}
+
+/// A logout that runs while a refresh of the same family is issuing its successor revokes
+/// the successor too: whichever finishes first, no token of the family is live afterwards.
+/// Each round races one refresh against one logout of a fresh family; a logout that saw only
+/// the rows committed when it started would miss the successor in some of them.
+#[tokio::test]
+async fn a_logout_racing_a_refresh_leaves_no_live_token_in_the_family() {
+    let app = spawn_app_with(|_, config| config.limits.auth_ip.limit = 10_000).await;
+    app.add_user("ann", "correct horse battery", &[]).await;
+    let (mut refreshed, mut refused) = (0, 0);
+    for round in 0..40 {
+        let pair = app.login_ok("ann", "correct horse battery").await;
+        let token = pair["refresh_token"].as_str().unwrap().to_owned();
+        let body = json!({ "refresh_token": token });
+        let (refresh, logout) = tokio::join!(app.refresh(&token), app.post("/auth/logout", &body));
+        assert_eq!(logout.status(), 204, "round {round}");
+        match refresh.status().as_u16() {
+            200 => {
+                refreshed += 1;
+                let body: Value = refresh.json().await.unwrap();
+                let next = body["refresh_token"].as_str().unwrap();
+                problem(app.refresh(next).await, 401, None).await;
+            }
+            401 => refused += 1,
+            other => panic!("round {round}: unexpected {other}"),
+        }
+    }
+    println!("{refreshed} refreshes finished first, {refused} logouts did");
 }
 
 #[tokio::test]

@@ -557,6 +557,8 @@ async fn security_events_are_audited_in_a_chain_that_detects_tampering() {
     let app = spawn_app().await;
     let admin = admin(&app).await;
     assert_eq!(app.login("root", "wrong").await.status(), 401);
+    // A password typed into the name field: it must not reach the trail either.
+    assert_eq!(app.login("correct horse battery", "x").await.status(), 401);
     let pair = app.login_ok("root", "correct horse battery").await;
     let refresh = pair["refresh_token"].as_str().unwrap().to_owned();
     let rotated: Value = app.refresh(&refresh).await.json().await.unwrap();
