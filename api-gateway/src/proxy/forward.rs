@@ -5,8 +5,23 @@
 //! The hot path holds no lock across an await (breaker locks are taken for a few
 //! instructions), builds no metric label set, and streams bodies; only a request that may be
 //! retried with a body has it buffered, since a stream cannot be replayed.
+//!
+//! The upstream's timeout runs from when it last had something to do: from the send, or
+//! for a streamed body from its last frame. A slow upload is no fault of the target; a
+//! client whose body stops arriving for the timeout gets 408 and the target's breaker is not
+//! told. A target that stops reading the body it is sent is timed out as usual.
 
-use std::{error::Error as StdError, net::SocketAddr, time::Instant};
+use std::{
+    error::Error as StdError,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use axum::{
     body::Body,
@@ -38,13 +53,140 @@ enum Payload {
 }
 
 impl Payload {
-    fn for_attempt(&mut self, limit: usize) -> Body {
+    /// The body of one attempt, and for a streamed one, how far its upload has got.
+    fn for_attempt(&mut self, limit: usize) -> (Body, Option<Arc<Upload>>) {
         match self {
-            Self::Empty => Body::empty(),
-            Self::Buffered(bytes) => Body::from(bytes.clone()),
-            Self::Stream(body) => body
-                .take()
-                .map_or_else(Body::empty, |body| Body::new(Limited::new(body, limit))),
+            Self::Empty => (Body::empty(), None),
+            Self::Buffered(bytes) => (Body::from(bytes.clone()), None),
+            Self::Stream(body) => match body.take() {
+                Some(body) => {
+                    let upload = Arc::new(Upload::new());
+                    let body = Body::new(Tracked {
+                        inner: Limited::new(body, limit),
+                        upload: Arc::clone(&upload),
+                    });
+                    (body, Some(upload))
+                }
+                None => (Body::empty(), None),
+            },
+        }
+    }
+}
+
+/// How far a streamed request body has got, as the client connection sends it and the
+/// upstream connection takes it.
+struct Upload {
+    origin: Instant,
+    /// µs after `origin` of the last frame passed on (or of the end).
+    activity: AtomicU64,
+    /// The whole body has been passed on.
+    finished: AtomicBool,
+    /// The upstream connection asked for the next frame and the client has not sent it.
+    waiting_on_client: AtomicBool,
+}
+
+impl Upload {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            activity: AtomicU64::new(0),
+            finished: AtomicBool::new(false),
+            waiting_on_client: AtomicBool::new(false),
+        }
+    }
+
+    fn touch(&self) {
+        let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.activity.store(micros, Ordering::Relaxed);
+    }
+
+    fn last_activity(&self) -> Instant {
+        self.origin + Duration::from_micros(self.activity.load(Ordering::Relaxed))
+    }
+
+    /// Whether the client is the one holding the request up: it has not sent the rest of
+    /// the body that the upstream connection is waiting for.
+    fn client_stalled(&self) -> bool {
+        !self.finished.load(Ordering::Relaxed) && self.waiting_on_client.load(Ordering::Relaxed)
+    }
+}
+
+/// A request body that reports its progress to an [`Upload`].
+struct Tracked<B> {
+    inner: B,
+    upload: Arc<Upload>,
+}
+
+impl<B> hyper::body::Body for Tracked<B>
+where
+    B: hyper::body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let upload = &self.upload;
+        match &polled {
+            Poll::Pending => upload.waiting_on_client.store(true, Ordering::Relaxed),
+            Poll::Ready(frame) => {
+                if frame.is_none() {
+                    upload.finished.store(true, Ordering::Relaxed);
+                }
+                upload.touch();
+                upload.waiting_on_client.store(false, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// How waiting for a response head ended.
+enum Head<T> {
+    Answered(T),
+    /// The target had the timeout to answer after its last work and did not.
+    UpstreamTimeout,
+    /// The client's body stopped arriving for the timeout.
+    ClientStalled,
+}
+
+/// Waits for `response` until `timeout` after the send or, while `upload` makes progress,
+/// after its last frame.
+async fn wait_for_head<F: Future>(
+    response: F,
+    timeout: Duration,
+    sent: Instant,
+    upload: Option<&Upload>,
+) -> Head<F::Output> {
+    tokio::pin!(response);
+    let mut deadline = sent + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), response.as_mut()).await {
+            Ok(output) => return Head::Answered(output),
+            Err(_) => {
+                let Some(upload) = upload else {
+                    return Head::UpstreamTimeout;
+                };
+                let later = upload.last_activity() + timeout;
+                if later > Instant::now() {
+                    deadline = later;
+                } else if upload.client_stalled() {
+                    return Head::ClientStalled;
+                } else {
+                    return Head::UpstreamTimeout;
+                }
+            }
         }
     }
 }
@@ -165,8 +307,8 @@ pub(super) async fn forward(
             ticket: Some(ticket),
         };
         let more = attempts_left > 0;
-        let mut upstream_request =
-            hyper::Request::new(payload.for_attempt(settings.max_body_bytes));
+        let (body, upload) = payload.for_attempt(settings.max_body_bytes);
+        let mut upstream_request = hyper::Request::new(body);
         *upstream_request.method_mut() = parts.method.clone();
         *upstream_request.uri_mut() = target.uri(path.clone());
         *upstream_request.version_mut() = Version::HTTP_11;
@@ -179,10 +321,15 @@ pub(super) async fn forward(
         };
 
         let sent = Instant::now();
-        let outcome =
-            tokio::time::timeout(settings.timeout, pool.client.request(upstream_request)).await;
+        let outcome = wait_for_head(
+            pool.client.request(upstream_request),
+            settings.timeout,
+            sent,
+            upload.as_deref(),
+        )
+        .await;
         let kind = match outcome {
-            Ok(Ok(response)) => {
+            Head::Answered(Ok(response)) => {
                 pool.metrics.duration.observe(sent.elapsed().as_secs_f64());
                 let status = response.status();
                 pool.metrics.response(status.as_u16());
@@ -202,7 +349,7 @@ pub(super) async fn forward(
                 }
                 return respond(pool, tunnels, response, client_upgrade);
             }
-            Ok(Err(error)) => match classify(&error) {
+            Head::Answered(Err(error)) => match classify(&error) {
                 Classified::BodyTooLarge => {
                     drop(permit);
                     return too_large(pool);
@@ -221,7 +368,17 @@ pub(super) async fn forward(
                     kind
                 }
             },
-            Err(_) => {
+            Head::ClientStalled => {
+                drop(permit);
+                return Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request-timeout",
+                    "Request timeout",
+                    "the request body stopped arriving",
+                )
+                .into_response();
+            }
+            Head::UpstreamTimeout => {
                 tracing::warn!(
                     upstream = %settings.name,
                     target = %target.url,

@@ -771,6 +771,79 @@ async fn send_chunked(port: u16, method: &str, total: usize) -> u16 {
         .unwrap_or_else(|| panic!("no response: {text:?}"))
 }
 
+/// Sends a chunked POST of `chunks` chunks, `gap` apart, then the end if `finish`; the
+/// response status (read with the body still open when not `finish`).
+async fn send_slowly(port: u16, chunks: usize, gap: Duration, finish: bool) -> u16 {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = "POST /api/orders/upload HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for _ in 0..chunks {
+        if stream
+            .write_all(b"10\r\n0123456789abcdef\r\n")
+            .await
+            .is_err()
+        {
+            break; // the gateway answered and closed early
+        }
+        tokio::time::sleep(gap).await;
+    }
+    if finish {
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+    }
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or_else(|| panic!("no response: {text:?}"))
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_not_the_upstreams_fault_and_a_stalled_one_gets_408() {
+    let upstream = TestUpstream::start("a").await;
+    let mut config = settings("orders", vec![upstream.url.clone()]);
+    config.timeout = Duration::from_millis(300);
+    config.breaker.failures = 2;
+    let gateway = spawn_gateway(vec![config]).await;
+    let state = format!(
+        "api_gateway_upstream_breaker_state{{upstream=\"orders\",target=\"{}\"}}",
+        upstream.url
+    );
+    let timeouts = "api_gateway_upstream_errors_total{upstream=\"orders\",kind=\"timeout\"}";
+
+    // Twelve chunks 100 ms apart: 1.2 s of upload against a 300 ms timeout, always moving.
+    let uploads = (0..3).map(|_| send_slowly(gateway.port, 12, Duration::from_millis(100), true));
+    for status in futures_util::future::join_all(uploads).await {
+        assert_eq!(status, 200);
+    }
+
+    // One chunk, then nothing: the client's fault, three times over a breaker that opens
+    // after two failures.
+    let started = std::time::Instant::now();
+    let stalls = (0..3).map(|_| send_slowly(gateway.port, 1, Duration::ZERO, false));
+    for status in futures_util::future::join_all(stalls).await {
+        assert_eq!(status, 408);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        gateway.metric(&state),
+        Some(0.0),
+        "the breaker stays closed"
+    );
+    assert_eq!(gateway.metric(timeouts).unwrap_or(0.0), 0.0);
+    assert_eq!(gateway.get_as("alice", "/api/orders/x").await.status(), 200);
+
+    // A target that takes too long after the whole body is in is still timed out.
+    let response = gateway.get_as("alice", "/api/orders/slow").await;
+    expect_problem(response, 504).await;
+    assert_eq!(gateway.metric(timeouts), Some(1.0));
+}
+
 #[tokio::test]
 async fn bodies_past_the_limit_get_413_by_length_and_by_stream() {
     // Two targets, so PUT may be retried and is therefore buffered, while POST streams.
