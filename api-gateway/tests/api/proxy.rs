@@ -181,6 +181,10 @@ async fn start_websocket_echo() -> String {
                     return;
                 };
                 while let Some(Ok(message)) = ws.next().await {
+                    // "bye": the upstream goes away without a close frame (its side only).
+                    if message.to_text().is_ok_and(|text| text == "bye") {
+                        return;
+                    }
                     if message.is_text() || message.is_binary() {
                         if ws.send(message).await.is_err() {
                             return;
@@ -893,6 +897,34 @@ async fn bodies_past_the_limit_get_413_by_length_and_by_stream() {
 // ---------------------------------------------------------------------------------------
 // WebSocket
 // ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_tunnel_ends_soon_after_the_upstream_closes_though_the_client_stays_open() {
+    let echo = start_websocket_echo().await;
+    let gateway = spawn_gateway(vec![settings("notifications", vec![echo])]).await;
+    let url = format!("ws://127.0.0.1:{}/api/notifications/ws", gateway.port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    gateway
+        .wait_for_metric("api_gateway_websocket_tunnels", 1.0)
+        .await;
+
+    let closed = std::time::Instant::now();
+    ws.send(Message::text("bye")).await.unwrap();
+    // The upstream's end reaches the client; the client keeps its own side open (`ws` lives).
+    let ended = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+    assert!(matches!(ended, Ok(None | Some(Err(_)))), "{ended:?}");
+    gateway
+        .wait_for_metric("api_gateway_websocket_tunnels", 0.0)
+        .await;
+    assert!(
+        closed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        closed.elapsed()
+    );
+    drop(ws);
+}
 
 #[tokio::test]
 async fn websocket_frames_are_tunnelled_and_the_tunnel_closes_on_stop() {
