@@ -114,7 +114,8 @@ pub struct Settings {
     /// How long a client may take to send a request's head.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
-    /// How long a shutdown waits for requests in flight.
+    /// How long a shutdown takes at most: requests in flight get all but a fifth of it (at
+    /// most 2 s kept), the audit queue's flush the rest; requests still running are dropped.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
     /// Logging.

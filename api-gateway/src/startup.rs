@@ -153,7 +153,8 @@ impl Application {
             .unwrap_or(0)
     }
 
-    /// Serves until `shutdown`, then drains within SHUTDOWN_GRACE.
+    /// Serves until `shutdown`, then stops within SHUTDOWN_GRACE: requests in flight get most
+    /// of it ([`drain_and_flush`]), and the audit queue is flushed in the rest.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -161,8 +162,9 @@ impl Application {
         let address = self.listener.local_addr()?;
         let admin_address = self.admin_listener.local_addr()?;
         tracing::info!(addr = %address, admin = %admin_address, "listening");
+        let (drain, flush) = drain_and_flush(self.settings.shutdown_grace);
         let serve_settings = ServeSettings {
-            grace: self.settings.shutdown_grace,
+            grace: drain,
             header_read_timeout: self.settings.header_read_timeout,
             max_header_bytes: Some(self.settings.max_header_bytes),
         };
@@ -218,10 +220,7 @@ impl Application {
         }
         // No request is left to record anything: the writer flushes what is queued and ends.
         stop_audit.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), audit_writer)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(flush, audit_writer).await.is_err() {
             tracing::error!("audit events still queued at exit: PostgreSQL is not taking them");
         }
         let drained = served.context("server failed")?;
@@ -229,5 +228,35 @@ impl Application {
             tracing::info!("stopped cleanly");
         }
         Ok(())
+    }
+}
+
+/// How SHUTDOWN_GRACE is shared: requests in flight may take all but the last fifth (at
+/// most 2 s, at least 200 ms, never over half), which is kept for flushing the audit events
+/// they recorded. A container runtime that kills at SHUTDOWN_GRACE (compose's
+/// `stop_grace_period`) then loses no event of a request that finished.
+fn drain_and_flush(grace: Duration) -> (Duration, Duration) {
+    let flush = (grace / 5)
+        .clamp(Duration::from_millis(200), Duration::from_secs(2))
+        .min(grace / 2);
+    (grace - flush, flush)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shutdown_grace_is_shared_between_draining_and_flushing_and_never_exceeded() {
+        let secs = Duration::from_secs;
+        let ms = Duration::from_millis;
+        assert_eq!(drain_and_flush(secs(10)), (secs(8), secs(2)));
+        assert_eq!(drain_and_flush(secs(30)), (secs(28), secs(2)));
+        assert_eq!(drain_and_flush(secs(2)), (ms(1_600), ms(400)));
+        assert_eq!(drain_and_flush(ms(300)), (ms(150), ms(150)));
+        assert_eq!(
+            drain_and_flush(Duration::ZERO),
+            (Duration::ZERO, Duration::ZERO)
+        );
     }
 }

@@ -195,7 +195,9 @@ pub struct ServeSettings {
 /// Serves `service` (a `Router`, or any service of the same shape) over HTTP/1.1 on
 /// `listener` until `shutdown` completes, then stops
 /// accepting, lets requests in flight finish, and returns once they have or the grace period
-/// has passed, whichever comes first. Returns `true` when every connection drained in time.
+/// has passed, whichever comes first. Returns `true` when every connection drained in time;
+/// otherwise the connections still open are dropped, with their requests, before it returns,
+/// so nothing of theirs runs on after the server has stopped.
 ///
 /// This is axum's accept loop with hyper's HTTP/1 builder used directly (hyper-util's
 /// auto-detecting builder first sniffs for HTTP/2 with no timer running), a Tokio timer so the
@@ -223,6 +225,8 @@ where
     // connection holds a `done_rx`, so `done_tx.closed()` completes when the last one ends.
     let (stop_tx, stop_rx) = watch::channel(());
     let (done_tx, done_rx) = watch::channel(());
+    // Dropping `kill_tx` once the grace is over ends every connection still open.
+    let (kill_tx, kill_rx) = watch::channel(());
     tokio::pin!(shutdown);
 
     loop {
@@ -250,14 +254,18 @@ where
         let connection = builder
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
             .with_upgrades();
-        let (mut stop_rx, done_rx) = (stop_rx.clone(), done_rx.clone());
+        let (mut stop_rx, mut kill_rx, done_rx) =
+            (stop_rx.clone(), kill_rx.clone(), done_rx.clone());
         tokio::spawn(async move {
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
                 _ = stop_rx.changed() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        result = connection.as_mut() => result,
+                        _ = kill_rx.changed() => Ok(()),
+                    }
                 }
             };
             if let Err(error) = result {
@@ -270,10 +278,14 @@ where
     drop(listener);
     drop(stop_tx);
     drop(done_rx);
+    drop(kill_rx);
     tokio::select! {
         () = done_tx.closed() => Ok(true),
         () = tokio::time::sleep(settings.grace) => {
             tracing::warn!(grace = ?settings.grace, "grace period over with requests still in flight; closing them");
+            drop(kill_tx);
+            // Each connection ends at its next poll, which the kill has scheduled.
+            let _ = tokio::time::timeout(Duration::from_secs(1), done_tx.closed()).await;
             Ok(false)
         }
     }

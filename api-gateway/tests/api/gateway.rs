@@ -345,6 +345,61 @@ async fn with_redis_down_and_the_closed_policy_requests_get_503_until_the_next_p
     assert_eq!(body["detail"], "rate limits cannot be checked right now");
 }
 
+/// A request that would wait on its upstream for longer than the shutdown grace does not
+/// hold the stop up: the gateway stops within SHUTDOWN_GRACE, the request is cut off then,
+/// and what was audited before is in the table.
+#[tokio::test]
+async fn shutdown_ends_within_its_grace_with_a_request_stuck_upstream() {
+    // An upstream that takes connections and never answers.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
+        }
+    });
+    let app = spawn_app_with(|settings, config| {
+        settings.shutdown_grace = Duration::from_secs(1);
+        config
+            .set_targets("orders", std::slice::from_ref(&hole_url))
+            .unwrap();
+        let orders = config.upstreams.iter_mut().find(|u| u.name == "orders");
+        orders
+            .unwrap()
+            .proxy
+            .insert("health_interval".into(), "1h".into());
+    })
+    .await;
+    assert_eq!(app.login("nobody", "wrong password").await.status(), 401);
+    let stuck = {
+        let (client, url) = (app.client.clone(), format!("{}/api/orders/1", app.address));
+        let token = token_for(USER, &["user"]);
+        tokio::spawn(async move { client.get(url).bearer_auth(token).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stuck.is_finished());
+
+    let database_url = app.database_url.clone();
+    let stopping = std::time::Instant::now();
+    let _ = app.stop.send(());
+    app.stopped.await.unwrap().unwrap();
+    let stopped = stopping.elapsed();
+    assert!(stopped < Duration::from_millis(1_500), "{stopped:?}");
+    // The upstream's timeout is 10 s; the request ended with the gateway.
+    let ended = tokio::time::timeout(Duration::from_millis(500), stuck).await;
+    assert!(ended.is_ok(), "the request outlived the gateway");
+
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let failures: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'login' AND outcome = 'failure'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(failures, 1);
+}
+
 #[tokio::test]
 async fn auth_endpoints_are_limited_per_ip() {
     let app = spawn_app_with(|_, config| {
