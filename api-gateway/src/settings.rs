@@ -105,7 +105,8 @@ pub struct Settings {
     /// Largest request body the gateway itself reads.
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
     pub max_body_bytes: usize,
-    /// Largest request head (request line and headers); larger ones get 431.
+    /// Largest request head (request line and headers); larger ones get a 431 problem
+    /// (past twice this, a bare 431 from the HTTP layer).
     #[arg(long, env = "MAX_HEADER_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
     pub max_header_bytes: usize,
     /// Longest a request may run.

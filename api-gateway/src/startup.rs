@@ -166,7 +166,9 @@ impl Application {
         let serve_settings = ServeSettings {
             grace: drain,
             header_read_timeout: self.settings.header_read_timeout,
-            max_header_bytes: Some(self.settings.max_header_bytes),
+            max_header_bytes: Some(crate::http::hyper_head_limit(
+                self.settings.max_header_bytes,
+            )),
         };
         let stop_proxy = CancellationToken::new();
         let proxy_tasks = self.proxy.start(stop_proxy.clone());
@@ -203,7 +205,7 @@ impl Application {
         // flushed before this returns.
         let served = common::http::serve(
             self.listener,
-            PublicService::new(self.state),
+            PublicService::new(self.state, self.settings.max_header_bytes),
             shutdown,
             serve_settings,
         )

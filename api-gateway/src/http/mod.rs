@@ -270,10 +270,14 @@ pub struct PublicService {
 
 impl PublicService {
     /// The service over `state`.
-    pub fn new(state: AppState) -> Self {
+    /// `max_head_bytes`: the largest request head answered; a larger one gets a 431
+    /// problem. hyper must be given a higher bound of its own (see [`hyper_head_limit`]),
+    /// since what it refuses gets a bare 431 without a body or the gateway's headers.
+    pub fn new(state: AppState, max_head_bytes: usize) -> Self {
         let dispatch = Dispatch {
             own: own_routes(state.clone()),
             state,
+            max_head_bytes,
         };
         let cors = cors(&dispatch.state.settings.cors_allowed_origins)
             .map(|layer| layer.layer(dispatch.clone()));
@@ -310,15 +314,54 @@ impl Service<Request> for PublicService {
     }
 }
 
+/// hyper's own bound on a request head for a gateway that answers heads over `max_head_bytes`
+/// itself: far enough above it that a head the gateway measures as too large reaches it.
+pub fn hyper_head_limit(max_head_bytes: usize) -> usize {
+    max_head_bytes
+        .saturating_mul(2)
+        .max(max_head_bytes + 8 * 1024)
+}
+
+/// The size of `request`'s head as a client sends it in HTTP/1.1: request line, each header
+/// as `name: value` and the line ends.
+fn head_bytes(request: &Request) -> usize {
+    // `METHOD target HTTP/1.1\r\n`: two spaces, the version, the line end.
+    let line = request.method().as_str().len()
+        + request
+            .uri()
+            .path_and_query()
+            .map_or(1, |p| p.as_str().len())
+        + "  HTTP/1.1\r\n".len();
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + ": \r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
+}
+
 /// Normalises the path, then sends `/api/*` into the pipeline and the rest to `own`.
 #[derive(Clone)]
 struct Dispatch {
     state: AppState,
     own: Router,
+    max_head_bytes: usize,
 }
 
 impl Dispatch {
     async fn handle(self, mut request: Request) -> Response {
+        if head_bytes(&request) > self.max_head_bytes {
+            return Problem::new(
+                axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header-fields-too-large",
+                "Request header fields too large",
+                format!(
+                    "the request head is larger than the {} bytes this gateway accepts",
+                    self.max_head_bytes
+                ),
+            )
+            .into_response();
+        }
         if let Some(refused) = normalize_path(&self.state, &mut request) {
             return refused;
         }

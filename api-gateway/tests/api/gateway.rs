@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::*;
 
@@ -583,6 +584,29 @@ async fn oversized_heads_get_431_and_oversized_bodies_413() {
         response.status(),
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
     );
+    // The gateway's own answer: problem+json, with its security headers.
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    let body = problem(response, 431, None).await;
+    assert_eq!(body["type"], "urn:problem:header-fields-too-large");
+
+    // The bound is the head as sent: 16 KiB passes (to authentication: no credentials), one
+    // byte more does not.
+    let host = app.address.trim_start_matches("http://");
+    for (extra, status) in [(0, "401"), (1, "431")] {
+        let head = |padding: usize| {
+            format!(
+                "GET /api/orders/1 HTTP/1.1\r\nhost: {host}\r\nx-padding: {}\r\n\r\n",
+                "a".repeat(padding)
+            )
+        };
+        let head = head(16 * 1024 - head(0).len() + extra);
+        assert_eq!(head.len(), 16 * 1024 + extra);
+        let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer[9..12], status.as_bytes(), "{extra} byte(s) over");
+    }
     let response = app
         .client
         .post(format!("{}/auth/login", app.address))
