@@ -176,6 +176,10 @@ pub async fn shed_load(
     }
 }
 
+/// Once the grace is over, how long [`serve`] waits for the connections it drops to end
+/// (each ends at its next poll, which dropping them schedules).
+pub const DROP_WAIT: Duration = Duration::from_millis(100);
+
 /// How [`serve`] treats connections.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeSettings {
@@ -284,8 +288,7 @@ where
         () = tokio::time::sleep(settings.grace) => {
             tracing::warn!(grace = ?settings.grace, "grace period over with requests still in flight; closing them");
             drop(kill_tx);
-            // Each connection ends at its next poll, which the kill has scheduled.
-            let _ = tokio::time::timeout(Duration::from_secs(1), done_tx.closed()).await;
+            let _ = tokio::time::timeout(DROP_WAIT, done_tx.closed()).await;
             Ok(false)
         }
     }

@@ -199,11 +199,14 @@ impl AppState {
             Principal::User(claims) => (format!("user:{}", claims.sub), self.limits.user, "user"),
             Principal::Key(key) => (
                 format!("key:{}", key.id),
-                // Creation refuses a quota the limiter cannot count exactly; one stored
-                // before that check counts by the default for keys.
+                // Creation refuses a quota past 2^53 µs; one stored before that check keeps
+                // its own, counted a little inexactly at the very boundary (the script's
+                // doubles), rather than falling silently to the default.
                 key.limit
-                    .and_then(|(limit, window)| Quota::new(limit, window).ok())
-                    .unwrap_or(self.limits.api_key),
+                    .map_or(self.limits.api_key, |(limit, window)| Quota {
+                        limit,
+                        window,
+                    }),
                 "api-key",
             ),
         };

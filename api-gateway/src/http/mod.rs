@@ -319,11 +319,12 @@ impl Service<Request> for PublicService {
 pub fn hyper_head_limit(max_head_bytes: usize) -> usize {
     max_head_bytes
         .saturating_mul(2)
-        .max(max_head_bytes + 8 * 1024)
+        .max(max_head_bytes.saturating_add(8 * 1024))
 }
 
 /// The size of `request`'s head as a client sends it in HTTP/1.1: request line, each header
-/// as `name: value` and the line ends.
+/// in the usual form `name: value` and the line ends. A client that leaves out the optional
+/// spaces is counted a byte more per header.
 fn head_bytes(request: &Request) -> usize {
     // `METHOD target HTTP/1.1\r\n`: two spaces, the version, the line end.
     let line = request.method().as_str().len()
