@@ -66,6 +66,19 @@ async fn burst(limiter: &Limiter, key: &str, quota: Quota, count: u32) -> u32 {
     admitted
 }
 
+/// Waits for `limiter` to use Redis again, failing past two probe intervals (and a second)
+/// after `since`, when Redis became usable.
+async fn wait_until_redis_up(limiter: &Limiter, since: Instant, probe_interval: Duration) {
+    while !limiter.redis_up() {
+        assert!(
+            since.elapsed() < probe_interval * 2 + Duration::from_secs(1),
+            "Redis not back in use after {:?}",
+            since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn metric(registry: &Registry, name: &str) -> Option<String> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
@@ -395,14 +408,7 @@ async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_b
     let _server = PrivateRedis::start(port);
     let restarted = Instant::now();
     for (_, limiter, registry) in &replicas {
-        while !limiter.redis_up() {
-            assert!(
-                restarted.elapsed() < probe_interval * 2 + Duration::from_secs(1),
-                "Redis not back in use after {:?}",
-                restarted.elapsed()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until_redis_up(limiter, restarted, probe_interval).await;
         assert_eq!(
             metric(registry, "api_gateway_limiter_redis_up").unwrap(),
             "1"
@@ -475,15 +481,7 @@ async fn limiter_a_redis_that_answers_ping_but_refuses_writes_stays_down() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let writable = Instant::now();
-    while !limiter.redis_up() {
-        assert!(
-            writable.elapsed() < probe_interval * 2 + Duration::from_secs(1),
-            "Redis not back in use after {:?}",
-            writable.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_redis_up(&limiter, Instant::now(), probe_interval).await;
     assert_eq!(burst(&limiter, "user:frank", quota, 4).await, 3);
 }
 

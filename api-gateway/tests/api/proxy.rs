@@ -766,8 +766,13 @@ async fn send_chunked(port: u16, method: &str, total: usize) -> u16 {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let _ = stream.write_all(b"0\r\n\r\n").await;
+    response_status(&mut stream, Duration::from_secs(5)).await
+}
+
+/// The status of the response on `stream`, read to its end (or for at most `wait`).
+async fn response_status(stream: &mut TcpStream, wait: Duration) -> u16 {
     let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut response)).await;
     let text = String::from_utf8_lossy(&response);
     text.split(' ')
         .nth(1)
@@ -794,13 +799,7 @@ async fn send_slowly(port: u16, chunks: usize, gap: Duration, finish: bool) -> u
     if finish {
         let _ = stream.write_all(b"0\r\n\r\n").await;
     }
-    let mut response = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await;
-    let text = String::from_utf8_lossy(&response);
-    text.split(' ')
-        .nth(1)
-        .and_then(|status| status.parse().ok())
-        .unwrap_or_else(|| panic!("no response: {text:?}"))
+    response_status(&mut stream, Duration::from_secs(10)).await
 }
 
 #[tokio::test]
