@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use crate::{
     client::{Connection, request},
     report::{Report, Target},
-    scrape,
+    scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, memory_of},
 };
 
@@ -414,11 +414,6 @@ fn merged<'a>(windows: impl Iterator<Item = &'a Histogram<u64>>) -> Histogram<u6
 /// window's p99 rests on its 50 slowest requests), each with the host's steal beside it.
 const WINDOW: Duration = Duration::from_secs(5);
 
-/// A window in which the host stole more than this share of the guest's CPU time measured
-/// the hypervisor, not the service: at 1,000 requests/s, 0.5 % of two vCPUs over 5 s is
-/// 50 ms of stalls, enough to delay the 50 requests that make a window's p99.
-const STEAL_LIMIT_PERCENT: f64 = 0.5;
-
 /// How long the paced phase runs: at least `min_windows`; then until `quiet_windows` of
 /// them had the host quiet, or `max_windows` in all.
 #[derive(Debug, Clone, Copy)]
@@ -551,10 +546,6 @@ fn latency_verdict(
 fn list(values: &[f64], decimals: usize) -> String {
     let shown: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
     shown.join(", ")
-}
-
-fn is_quiet(steal_percent: f64) -> bool {
-    steal_percent.is_nan() || steal_percent <= STEAL_LIMIT_PERCENT
 }
 
 /// `connections` clients sending on a fixed schedule (`rate` requests/s in all) when given,

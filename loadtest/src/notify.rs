@@ -34,7 +34,7 @@ use crate::{
     client::{self, Connection},
     database::Database,
     report::{Report, Target},
-    scrape,
+    scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, cpu_seconds_of},
 };
 
@@ -151,30 +151,59 @@ async fn main_phase(
     ));
 
     // The send schedule: every all-broadcast, group broadcast and direct send, spread out.
+    // It runs once on a quiet host. A round in which the host stole more than
+    // STEAL_LIMIT_PERCENT measured the hypervisor as much as the service (one broadcast
+    // reaches its 5,000 connections in ~50 ms, so a few ms stolen move the tail), so another
+    // round follows, up to MAX_ROUNDS; the p99 target is judged on the quiet rounds, or on
+    // every round when none was quiet. The choice rests on steal alone; every round is
+    // reported, and exactly-once is checked over all of them.
+    const MAX_ROUNDS: usize = 3;
     let sender = keys.token("loadtest-sender", &["sender"]);
     let schedule = schedule(plan);
-    let (service_cpu, own_cpu, ticks, phase) = (
+    let (service_cpu, own_cpu, phase) = (
         service.cpu_seconds()?,
         cpu_seconds_of("/proc/self/stat")?,
-        scrape::cpu_ticks(),
         Instant::now(),
     );
-    let outcome = send_schedule(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
-    let expected = expectations(plan, &outcome.sent);
-    let total_expected: usize = (0..plan.connections)
-        .map(|c| expected[c % plan.users].len())
-        .sum();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while clients.received() < total_expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut outcome = SendOutcome {
+        sent: Vec::new(),
+        api_latency_us: HashMap::new(),
+        failures: 0,
+    };
+    // Each round's notification ids, and the host's steal while it ran.
+    let mut rounds: Vec<(HashSet<String>, f64)> = Vec::new();
+    let (expected, total_expected) = loop {
+        let ticks = scrape::cpu_ticks();
+        let round = send_schedule(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
+        let ids = round.sent.iter().map(|(_, id, _)| id.clone()).collect();
+        outcome.absorb(round)?;
+        let expected = expectations(plan, &outcome.sent);
+        let total_expected: usize = (0..plan.connections)
+            .map(|c| expected[c % plan.users].len())
+            .sum();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while clients.received() < total_expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let steal = scrape::steal_percent(ticks, scrape::cpu_ticks());
+        rounds.push((ids, steal));
+        if is_quiet(steal) || rounds.len() >= MAX_ROUNDS {
+            break (expected, total_expected);
+        }
+        println!(
+            "notify: the host stole {steal:.2} % of the CPU in round {}; another round",
+            rounds.len()
+        );
+    };
     // Where the two cores went while notifications flowed.
     let seconds = phase.elapsed().as_secs_f64();
     report.figure("send_phase_seconds", seconds);
+    report.figure("send_rounds", rounds.len());
     report.figure(
         "send_phase_steal_percent",
-        scrape::steal_percent(ticks, scrape::cpu_ticks()),
+        rounds.iter().map(|(_, steal)| *steal).collect::<Vec<_>>(),
     );
+    report.figure("send_phase_steal_limit_percent", STEAL_LIMIT_PERCENT);
     report.figure(
         "send_phase_service_cpu_cores",
         (service.cpu_seconds()? - service_cpu) / seconds,
@@ -198,13 +227,55 @@ async fn main_phase(
     let (shutdown, clean) = service.terminate(Duration::from_secs(10)).await?;
     let results = clients.finish(Duration::from_secs(5)).await;
     let check = exactly_once(plan, &expected, &results);
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let round_of: HashMap<&str, usize> = rounds
+        .iter()
+        .enumerate()
+        .flat_map(|(round, (ids, _))| ids.iter().map(move |id| (id.as_str(), round)))
+        .collect();
+    let new_histogram = || Histogram::<u64>::new_with_bounds(1, 120_000_000, 3);
+    let mut latency = new_histogram()?;
+    let mut per_round = vec![new_histogram()?; rounds.len()];
     for result in &results {
-        for &(_, us) in &result.receipts {
-            latency.record(us.max(1))?;
+        for (id, us) in &result.receipts {
+            latency.record((*us).max(1))?;
+            if let Some(&round) = round_of.get(&**id) {
+                per_round[round].record((*us).max(1))?;
+            }
         }
     }
     latency_figures(report, "delivery", &latency);
+    let quiet: Vec<&Histogram<u64>> = per_round
+        .iter()
+        .zip(&rounds)
+        .filter(|(_, (_, steal))| is_quiet(*steal))
+        .map(|(histogram, _)| histogram)
+        .collect();
+    let judged_p99_ms = if quiet.is_empty() {
+        latency.value_at_quantile(0.99)
+    } else {
+        let mut judged = new_histogram()?;
+        for histogram in &quiet {
+            judged.add(*histogram)?;
+        }
+        judged.value_at_quantile(0.99)
+    } as f64
+        / 1e3;
+    report.figure(
+        "round_delivery_p99_ms",
+        per_round
+            .iter()
+            .map(|h| h.value_at_quantile(0.99) as f64 / 1e3)
+            .collect::<Vec<_>>(),
+    );
+    report.figure("quiet_rounds", quiet.len());
+    report.figure(
+        "delivery_p99_judged_on",
+        if quiet.is_empty() {
+            "every round (none was quiet)"
+        } else {
+            "quiet rounds"
+        },
+    );
     // How a broadcast to everyone unfolds: its first delivery, and the spread to its last.
     let everyone: HashSet<&str> = outcome
         .sent
@@ -252,12 +323,9 @@ async fn main_phase(
         .count();
     report.figure("clients_closed_with_1001", closed_1001);
 
-    report.targets.push(Target::below(
-        "delivery_p99_ms",
-        100.0,
-        latency.value_at_quantile(0.99) as f64 / 1e3,
-        "ms",
-    ));
+    report
+        .targets
+        .push(Target::below("delivery_p99_ms", 100.0, judged_p99_ms, "ms"));
     report.targets.push(Target::at_most(
         "deliveries_missing_or_duplicated",
         0.0,
@@ -725,6 +793,25 @@ struct SendOutcome {
     sent: Vec<(Op, String, usize)>,
     api_latency_us: HashMap<&'static str, Histogram<u64>>,
     failures: usize,
+}
+
+impl SendOutcome {
+    /// Adds another round's sends, latencies and failures to these.
+    fn absorb(&mut self, round: SendOutcome) -> anyhow::Result<()> {
+        self.sent.extend(round.sent);
+        self.failures += round.failures;
+        for (kind, histogram) in round.api_latency_us {
+            match self.api_latency_us.entry(kind) {
+                std::collections::hash_map::Entry::Occupied(mut mine) => {
+                    mine.get_mut().add(&histogram)?;
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(histogram);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs the schedule at one op per `plan.tick`, each op on a connection of a small pool so a
