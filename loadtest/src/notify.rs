@@ -174,7 +174,8 @@ async fn main_phase(
     let mut rounds: Vec<(HashSet<String>, f64)> = Vec::new();
     let (expected, total_expected) = loop {
         let ticks = scrape::cpu_ticks();
-        let round = send_schedule(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
+        let round =
+            send_schedule_alone(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
         let ids = round.sent.iter().map(|(_, id, _)| id.clone()).collect();
         outcome.absorb(round)?;
         let expected = expectations(plan, &outcome.sent);
@@ -509,7 +510,7 @@ async fn cluster_phase(
         tick: Duration::from_millis(20),
     };
     let sender = keys.token("loadtest-sender", &["sender"]);
-    let outcome = send_schedule(&addresses, &sender, plan, &schedule(plan)).await?;
+    let outcome = send_schedule_alone(&addresses, &sender, plan, &schedule(plan)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut results = Vec::new();
     for (mut child, mut stdin, mut lines) in children {
@@ -812,6 +813,33 @@ impl SendOutcome {
         }
         Ok(())
     }
+}
+
+/// [`send_schedule`] on one thread of its own (a current-thread runtime). On the shared
+/// runtime, an op due while thousands of client tasks were reading a broadcast waited behind
+/// them: its `sent_at_us` was stamped late, which shortened the delivery latency it measured,
+/// and its response was read late, which lengthened the API latency.
+async fn send_schedule_alone(
+    addresses: &[String],
+    token: &str,
+    plan: Plan,
+    schedule: &[Op],
+) -> anyhow::Result<SendOutcome> {
+    let (addresses, token, schedule) = (addresses.to_vec(), token.to_owned(), schedule.to_vec());
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("notify-sender".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| {
+                    runtime.block_on(send_schedule(&addresses, &token, plan, &schedule))
+                });
+            let _ = done.send(result);
+        })?;
+    outcome.await?
 }
 
 /// Runs the schedule at one op per `plan.tick`, each op on a connection of a small pool so a
