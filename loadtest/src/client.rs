@@ -10,6 +10,33 @@ use tokio::{
     net::TcpStream,
 };
 
+/// Runs the future `make` builds on a thread of its own, in a current-thread runtime, and
+/// returns its output. A client that times requests must not share a runtime with thousands
+/// of other tasks: there its wake-ups wait in their queue, and that wait is charged to the
+/// service it measures.
+pub async fn on_own_thread<T, F>(
+    name: &str,
+    make: impl FnOnce() -> F + Send + 'static,
+) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: Future<Output = anyhow::Result<T>>,
+{
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to build a client runtime")
+                .and_then(|runtime| runtime.block_on(make()));
+            let _ = done.send(result);
+        })
+        .context("failed to start a client thread")?;
+    outcome.await.context("the client thread panicked")?
+}
+
 /// Builds a complete request.
 pub fn request(method: &str, path: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut bytes = format!(

@@ -27,7 +27,7 @@ use metrics_processor::{
 use serde_json::{Value, json};
 
 use crate::{
-    client::{Connection, request},
+    client::{self, Connection, request},
     report::{Report, Target},
     scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, memory_of},
@@ -461,34 +461,21 @@ async fn paced(
     requests: Arc<Vec<Arc<Vec<u8>>>>,
 ) -> anyhow::Result<Paced> {
     let address = address.to_owned();
-    let (done, outcome) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("paced-client".into())
-        .spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    runtime.block_on(async {
-                        let started = Instant::now();
-                        let stop = Arc::new(AtomicBool::new(false));
-                        let watcher = tokio::spawn(watch_windows(started, Arc::clone(&stop), plan));
-                        let outcome =
-                            drive(&address, connections, Some(rate), started, stop, requests).await;
-                        let steal_percent = watcher.await?;
-                        let mut outcome = outcome?;
-                        // Requests answered after the last full window count for the rate only.
-                        outcome.windows.truncate(steal_percent.len());
-                        Ok(Paced {
-                            outcome,
-                            steal_percent,
-                        })
-                    })
-                });
-            let _ = done.send(result);
-        })?;
-    outcome.await?
+    client::on_own_thread("paced-client", move || async move {
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn(watch_windows(started, Arc::clone(&stop), plan));
+        let outcome = drive(&address, connections, Some(rate), started, stop, requests).await;
+        let steal_percent = watcher.await?;
+        let mut outcome = outcome?;
+        // Requests answered after the last full window count for the rate only.
+        outcome.windows.truncate(steal_percent.len());
+        Ok(Paced {
+            outcome,
+            steal_percent,
+        })
+    })
+    .await
 }
 
 /// Reads the host's steal at every window boundary and stops the phase when `plan` is met;

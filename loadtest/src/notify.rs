@@ -826,20 +826,10 @@ async fn send_schedule_alone(
     schedule: &[Op],
 ) -> anyhow::Result<SendOutcome> {
     let (addresses, token, schedule) = (addresses.to_vec(), token.to_owned(), schedule.to_vec());
-    let (done, outcome) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("notify-sender".into())
-        .spawn(move || {
-            let result = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|runtime| {
-                    runtime.block_on(send_schedule(&addresses, &token, plan, &schedule))
-                });
-            let _ = done.send(result);
-        })?;
-    outcome.await?
+    client::on_own_thread("notify-sender", move || async move {
+        send_schedule(&addresses, &token, plan, &schedule).await
+    })
+    .await
 }
 
 /// Runs the schedule at one op per `plan.tick`, each op on a connection of a small pool so a
