@@ -9,6 +9,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    ops::Range,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -170,13 +171,13 @@ async fn main_phase(
         api_latency_us: HashMap::new(),
         failures: 0,
     };
-    // Each round's notification ids, and the host's steal while it ran.
-    let mut rounds: Vec<(HashSet<String>, f64)> = Vec::new();
+    // Each round's sends (a range of `outcome.sent`), and the host's steal while it ran.
+    let mut rounds: Vec<(Range<usize>, f64)> = Vec::new();
     let (expected, total_expected) = loop {
         let ticks = scrape::cpu_ticks();
         let round =
             send_schedule_alone(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
-        let ids = round.sent.iter().map(|(_, id, _)| id.clone()).collect();
+        let first = outcome.sent.len();
         outcome.absorb(round)?;
         let expected = expectations(plan, &outcome.sent);
         let total_expected: usize = (0..plan.connections)
@@ -187,7 +188,7 @@ async fn main_phase(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let steal = scrape::steal_percent(ticks, scrape::cpu_ticks());
-        rounds.push((ids, steal));
+        rounds.push((first..outcome.sent.len(), steal));
         if is_quiet(steal) || rounds.len() >= MAX_ROUNDS {
             break (expected, total_expected);
         }
@@ -231,7 +232,11 @@ async fn main_phase(
     let round_of: HashMap<&str, usize> = rounds
         .iter()
         .enumerate()
-        .flat_map(|(round, (ids, _))| ids.iter().map(move |id| (id.as_str(), round)))
+        .flat_map(|(round, (sends, _))| {
+            outcome.sent[sends.clone()]
+                .iter()
+                .map(move |(_, id, _)| (id.as_str(), round))
+        })
         .collect();
     let new_histogram = || Histogram::<u64>::new_with_bounds(1, 120_000_000, 3);
     let mut latency = new_histogram()?;
