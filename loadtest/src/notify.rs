@@ -32,8 +32,9 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
+    backends::{self, Database},
     client::{self, Connection},
-    database::Database,
+    progress::Progress,
     report::{Report, Target},
     scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, cpu_seconds_of},
@@ -77,25 +78,24 @@ impl Plan {
     }
 }
 
-/// Runs the scenario.
-pub async fn run(quick: bool) -> anyhow::Result<Report> {
-    let mut report = Report::new("notify", quick);
+/// Runs the scenario into `report`.
+pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let keys = Keys::new()?;
     let database = Database::create("notify").await?;
-    let result = main_phase(&mut report, &keys, &database, Plan::new(quick)).await;
+    let result = main_phase(report, &keys, &database, Plan::new(quick)).await;
     database.drop_it().await;
     result?;
     if !quick {
         let database = Database::create("notify").await?;
-        let result = capacity_phase(&mut report, &keys, &database, 19_000).await;
+        let result = capacity_phase(report, &keys, &database, 19_000).await;
         database.drop_it().await;
         result?;
         let database = Database::create("notify").await?;
-        let result = cluster_phase(&mut report, &keys, &database, 3, 45_000).await;
+        let result = cluster_phase(report, &keys, &database, 3, 45_000).await;
         database.drop_it().await;
         result?;
     }
-    Ok(report)
+    Ok(())
 }
 
 async fn main_phase(
@@ -174,6 +174,11 @@ async fn main_phase(
     // Each round's sends (a range of `outcome.sent`), and the host's steal while it ran.
     let mut rounds: Vec<(Range<usize>, f64)> = Vec::new();
     let (expected, total_expected) = loop {
+        let _progress = Progress::start(
+            format!("notify: send round {}", rounds.len() + 1),
+            plan.tick * schedule.len() as u32,
+            Some(plan.tick * schedule.len() as u32 + Duration::from_secs(15)),
+        );
         let ticks = scrape::cpu_ticks();
         let round =
             send_schedule_alone(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
@@ -217,7 +222,7 @@ async fn main_phase(
     report.figure("notifications_sent", outcome.sent.len());
     report.figure("deliveries_expected", total_expected);
     for (kind, histogram) in &outcome.api_latency_us {
-        latency_figures(report, &format!("api_{kind}"), histogram);
+        report.latency_figures(&format!("api_{kind}"), histogram);
     }
     let broadcast_p99 = outcome
         .api_latency_us
@@ -249,22 +254,16 @@ async fn main_phase(
             }
         }
     }
-    latency_figures(report, "delivery", &latency);
-    let quiet: Vec<&Histogram<u64>> = per_round
-        .iter()
-        .zip(&rounds)
-        .filter(|(_, (_, steal))| is_quiet(*steal))
-        .map(|(histogram, _)| histogram)
-        .collect();
-    let judged_p99_ms = if quiet.is_empty() {
-        latency.value_at_quantile(0.99)
-    } else {
-        let mut judged = new_histogram()?;
-        for histogram in &quiet {
-            judged.add(*histogram)?;
-        }
-        judged.value_at_quantile(0.99)
-    } as f64
+    report.latency_figures("delivery", &latency);
+    let quiet = scrape::quiet_stretches(
+        per_round.iter().zip(rounds.iter().map(|(_, steal)| *steal)),
+        1,
+    );
+    let quiet_count = quiet.as_ref().map_or(0, |q| q.count);
+    let judged_p99_ms = quiet
+        .as_ref()
+        .map_or(&latency, |q| &q.merged)
+        .value_at_quantile(0.99) as f64
         / 1e3;
     report.figure(
         "round_delivery_p99_ms",
@@ -273,10 +272,10 @@ async fn main_phase(
             .map(|h| h.value_at_quantile(0.99) as f64 / 1e3)
             .collect::<Vec<_>>(),
     );
-    report.figure("quiet_rounds", quiet.len());
+    report.figure("quiet_rounds", quiet_count);
     report.figure(
         "delivery_p99_judged_on",
-        if quiet.is_empty() {
+        if quiet_count == 0 {
             "every round (none was quiet)"
         } else {
             "quiet rounds"
@@ -384,7 +383,13 @@ async fn capacity_phase(
     println!("notify: capacity, {connections} connections on one node");
     let started = Instant::now();
     let server: SocketAddr = service.address.parse()?;
+    let progress = Progress::start(
+        format!("notify: opening {connections} connections"),
+        Duration::from_secs(20),
+        None,
+    );
     let clients = Clients::connect(&[server], keys, 0, connections, connections).await?;
+    drop(progress);
     report.figure("capacity_connect_seconds", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss, _) = service.memory()?;
@@ -446,9 +451,7 @@ async fn cluster_phase(
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-    let redis_url = std::env::var("LOADTEST_REDIS_URL")
-        .or_else(|_| std::env::var("TEST_REDIS_URL"))
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = backends::redis_url();
     let prefix = format!("notify-loadtest-{}:", uuid::Uuid::now_v7().simple());
     let mut services = Vec::new();
     for _ in 0..nodes {
@@ -465,6 +468,11 @@ async fn cluster_phase(
     println!("notify: cluster, {connections} connections over {nodes} nodes");
 
     // Client processes: each opens its share, spread over every node.
+    let _progress = Progress::start(
+        format!("notify: cluster of {nodes} nodes, {connections} connections"),
+        Duration::from_secs(90),
+        None,
+    );
     let started = Instant::now();
     let mut children = Vec::new();
     let mut first = 0;
@@ -555,8 +563,8 @@ async fn cluster_phase(
                 .count()
         })
         .sum();
-    latency_figures(report, "cluster_cross_node_delivery", &cross);
-    latency_figures(report, "cluster_same_node_delivery", &same);
+    report.latency_figures("cluster_cross_node_delivery", &cross);
+    report.latency_figures("cluster_same_node_delivery", &same);
     report.figure("cluster_sends", outcome.sent.len());
     report.figure("cluster_send_failures", outcome.failures);
     report.figure("cluster_deliveries_missing", missing);
@@ -621,14 +629,6 @@ pub fn clients_child(
         println!("{}", serde_json::to_string(&receipts)?);
         anyhow::Ok(())
     })
-}
-
-fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) {
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
-    report.figure(&format!("{name}_p50_ms"), ms(0.5));
-    report.figure(&format!("{name}_p99_ms"), ms(0.99));
-    report.figure(&format!("{name}_max_ms"), histogram.max() as f64 / 1e3);
-    report.figure(&format!("{name}_samples"), histogram.len());
 }
 
 /// The signing key and the service it is trusted by.
