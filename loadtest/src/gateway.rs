@@ -126,7 +126,7 @@ async fn phases(
     quick: bool,
     nginx_binary: Option<&Path>,
     redis_url: &str,
-    mut redis: redis::aio::MultiplexedConnection,
+    redis: redis::aio::MultiplexedConnection,
     dir: &Path,
     database: &Database,
 ) -> anyhow::Result<()> {
@@ -143,11 +143,6 @@ async fn phases(
             None
         }
     };
-    // The paths this run measures: nginx's only when it is installed.
-    let paths: Vec<Via> = Via::ALL
-        .into_iter()
-        .filter(|path| *path != Via::Nginx || nginx.is_some())
-        .collect();
     let gateway_env = GatewayEnv::write(dir, database, redis_url, &upstream_address)?;
     let gateway = gateway_env.start().await?;
     wait_ready(&gateway.address).await?;
@@ -158,48 +153,143 @@ async fn phases(
     report.figure("stall_threshold_ms", STALL.as_secs_f64() * 1e3);
 
     let signer = Signer::ed25519_pem(KID, PRIVATE_KEY)?;
-    let tokens: Vec<String> = (0..USERS)
-        .map(|u| token(&signer, &format!("loadtest-user-{u}")))
-        .collect();
-    let address = |path: Via| match path {
-        Via::Direct => upstream_address.clone(),
-        Via::Nginx => nginx.as_ref().map(|(_, a)| a.clone()).unwrap_or_default(),
-        Via::Gateway => gateway.address.clone(),
+    let mut rig = Rig {
+        tokens: (0..USERS)
+            .map(|u| token(&signer, &format!("loadtest-user-{u}")))
+            .collect(),
+        upstream: (upstream, upstream_address),
+        nginx,
+        gateway,
+        redis,
     };
-    let requests = |path: Via| -> Arc<Vec<Vec<u8>>> {
+    rig.warm_up().await?;
+    let closed = closed_loop(report, &mut rig, phase).await?;
+    let open = open_loop(report, &rig, &closed, phase).await?;
+    compare(report, &rig, &closed, &open);
+
+    // Two replicas, one Redis: one user's 3,000 requests, alternating between them.
+    let second = gateway_env.start().await?;
+    wait_ready(&second.address).await?;
+    let user = format!("loadtest-limited-{}", uuid::Uuid::now_v7().simple());
+    limiter_phase(
+        report,
+        [&rig.gateway.address, &second.address],
+        &token(&signer, &user),
+    )
+    .await?;
+
+    second.terminate(Duration::from_secs(10)).await?;
+    rig.stop().await
+}
+
+/// The three paths the same load takes, and what runs them.
+struct Rig {
+    /// One token per user the speed phases rotate through.
+    tokens: Vec<String>,
+    upstream: (Process, String),
+    /// nginx and its address, when installed.
+    nginx: Option<(Process, String)>,
+    gateway: Service,
+    /// For Redis's CPU time.
+    redis: redis::aio::MultiplexedConnection,
+}
+
+impl Rig {
+    /// The paths this run measures: nginx's only when it is installed.
+    fn paths(&self) -> Vec<Via> {
+        Via::ALL
+            .into_iter()
+            .filter(|path| *path != Via::Nginx || self.nginx.is_some())
+            .collect()
+    }
+
+    fn address(&self, path: Via) -> &str {
+        match path {
+            Via::Direct => &self.upstream.1,
+            Via::Nginx => self.nginx.as_ref().map_or("", |(_, address)| address),
+            Via::Gateway => &self.gateway.address,
+        }
+    }
+
+    /// One request per token along `path`.
+    fn requests(&self, path: Via) -> Arc<Vec<Vec<u8>>> {
         Arc::new(
-            tokens
+            self.tokens
                 .iter()
                 .map(|t| client::authorized("GET", path.path(), t, None))
                 .collect(),
         )
-    };
-    // Every token once through every path: the gateway's token cache, nginx's upstream
-    // keep-alive pool and every process's allocator are warm before anything is timed.
-    for &path in &paths {
-        send_all(&address(path), requests(path), CONNECTIONS)
-            .await
-            .with_context(|| format!("warm-up through {} failed", path.name()))?;
     }
 
-    // Closed loop: how many requests each path carries.
+    /// Every token once through every path: the gateway's token cache, nginx's upstream
+    /// keep-alive pool and every process's allocator are warm before anything is timed.
+    async fn warm_up(&self) -> anyhow::Result<()> {
+        for path in self.paths() {
+            send_all(self.address(path), self.requests(path), CONNECTIONS)
+                .await
+                .with_context(|| format!("warm-up through {} failed", path.name()))?;
+        }
+        Ok(())
+    }
+
+    async fn cpu(&mut self) -> CpuSnapshot {
+        CpuSnapshot::take(
+            &self.upstream.0,
+            self.nginx.as_ref().map(|(process, _)| process),
+            &self.gateway,
+            &mut self.redis,
+        )
+        .await
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.gateway.terminate(Duration::from_secs(10)).await?;
+        if let Some((nginx, _)) = self.nginx {
+            nginx.terminate(Duration::from_secs(5)).await?;
+        }
+        self.upstream.0.terminate(Duration::from_secs(5)).await?;
+        Ok(())
+    }
+}
+
+/// Per path (indexed by `Via as usize`; NaN where not measured).
+type PerPath = [f64; 3];
+
+/// What the closed loop measured.
+struct ClosedLoop {
+    throughput: PerPath,
+    errors: u64,
+}
+
+/// Closed loop: how many requests each path carries, and where the CPU went.
+async fn closed_loop(
+    report: &mut Report,
+    rig: &mut Rig,
+    phase: Duration,
+) -> anyhow::Result<ClosedLoop> {
     let mut errors = 0u64;
     let mut throughput = [f64::NAN; 3];
     let mut cpu = [PhaseCpu::default(); 3];
-    let nginx_process = nginx.as_ref().map(|(process, _)| process);
-    for &path in &paths {
+    for path in rig.paths() {
         let (i, name) = (path as usize, path.name());
-        let before = CpuSnapshot::take(&upstream, nginx_process, &gateway, &mut redis).await;
-        let inside = Inside::take(path, &gateway).await;
+        let before = rig.cpu().await;
+        let inside = Inside::take(path, &rig.gateway).await;
         let progress = Progress::start(format!("gateway: closed loop via {name}"), phase, None);
-        let outcome = drive(&address(path), requests(path), CONNECTIONS, None, phase).await?;
+        let outcome = drive(
+            rig.address(path),
+            rig.requests(path),
+            CONNECTIONS,
+            None,
+            phase,
+        )
+        .await?;
         drop(progress);
-        Inside::take(path, &gateway).await.record_since(
+        Inside::take(path, &rig.gateway).await.record_since(
             report,
             &inside,
             &format!("{name}_closed_loop"),
         );
-        let after = CpuSnapshot::take(&upstream, nginx_process, &gateway, &mut redis).await;
+        let after = rig.cpu().await;
         let rate = outcome.ok as f64 / outcome.elapsed.as_secs_f64();
         throughput[i] = rate;
         println!(
@@ -215,43 +305,61 @@ async fn phases(
             report.figure(&format!("{name}_closed_loop_first_error"), error.as_str());
         }
     }
-
-    if nginx.is_some() {
+    if rig.nginx.is_some() {
         cpu_ceiling(report, cpu[Via::Nginx as usize], cpu[Via::Gateway as usize]);
     }
+    Ok(ClosedLoop { throughput, errors })
+}
 
-    // Open loop: the same rate for every path, below every one's capacity.
+/// What the open loop measured.
+struct OpenLoop {
+    p50: PerPath,
+    p99: PerPath,
+    errors: u64,
+}
+
+/// Open loop: the same rate for every path, half the slowest one's capacity; latency.
+async fn open_loop(
+    report: &mut Report,
+    rig: &Rig,
+    closed: &ClosedLoop,
+    phase: Duration,
+) -> anyhow::Result<OpenLoop> {
+    let paths = rig.paths();
     let slowest = paths
         .iter()
-        .map(|path| throughput[*path as usize])
+        .map(|path| closed.throughput[*path as usize])
         .fold(f64::INFINITY, f64::min);
     let rate = (slowest * OPEN_LOOP_SHARE).floor().max(100.0);
     report.figure("open_loop_requests_per_second", rate);
-    let mut p50 = [f64::NAN; 3];
-    let mut p99 = [f64::NAN; 3];
-    for &path in &paths {
+    let mut open = OpenLoop {
+        p50: [f64::NAN; 3],
+        p99: [f64::NAN; 3],
+        errors: 0,
+    };
+    for path in paths {
         let (i, name) = (path as usize, path.name());
-        let inside = Inside::take(path, &gateway).await;
+        let inside = Inside::take(path, &rig.gateway).await;
         let progress = Progress::start(format!("gateway: open loop via {name}"), phase, None);
         let outcome = drive(
-            &address(path),
-            requests(path),
+            rig.address(path),
+            rig.requests(path),
             CONNECTIONS,
             Some(rate),
             phase,
         )
         .await?;
         drop(progress);
-        Inside::take(path, &gateway).await.record_since(
+        Inside::take(path, &rig.gateway).await.record_since(
             report,
             &inside,
             &format!("{name}_open_loop"),
         );
         let ms = |q: f64| outcome.latency_us.value_at_quantile(q) as f64 / 1e3;
-        (p50[i], p99[i]) = (ms(0.5), ms(0.99));
+        (open.p50[i], open.p99[i]) = (ms(0.5), ms(0.99));
         println!(
             "gateway: open loop via {name} at {rate:.0}/s: p50 {:.3} ms, p99 {:.3} ms, {} errors",
-            p50[i], p99[i], outcome.errors
+            open.p50[i], open.p99[i], outcome.errors
         );
         report.latency_figures(&format!("{name}_latency"), &outcome.latency_us);
         report.figure(
@@ -263,12 +371,19 @@ async fn phases(
             (outcome.ok as f64 / outcome.elapsed.as_secs_f64()).round(),
         );
         report.figure(&format!("{name}_open_loop_errors"), outcome.errors);
-        errors += outcome.errors;
+        open.errors += outcome.errors;
         if let Some(error) = &outcome.first_error {
             report.figure(&format!("{name}_open_loop_first_error"), error.as_str());
         }
     }
+    Ok(open)
+}
+
+/// The stated target of no errors, the latency each proxy adds, and the goals against nginx
+/// (not measured without it).
+fn compare(report: &mut Report, rig: &Rig, closed: &ClosedLoop, open: &OpenLoop) {
     let [direct, via_nginx, via_gateway] = Via::ALL.map(|path| path as usize);
+    let (p50, p99) = (open.p50, open.p99);
     report.figure(
         "gateway_added_latency_p50_ms",
         p50[via_gateway] - p50[direct],
@@ -277,30 +392,13 @@ async fn phases(
         "gateway_added_latency_p99_ms",
         p99[via_gateway] - p99[direct],
     );
-    if nginx.is_some() {
-        report.figure("nginx_added_latency_p50_ms", p50[via_nginx] - p50[direct]);
-        report.figure("nginx_added_latency_p99_ms", p99[via_nginx] - p99[direct]);
-    }
     report.targets.push(Target::at_most(
         "speed_phase_errors",
         0.0,
-        errors as f64,
+        (closed.errors + open.errors) as f64,
         "requests",
     ));
-    if nginx.is_some() {
-        report.goals.push(Target::at_least(
-            "gateway_vs_nginx_throughput",
-            0.8,
-            throughput[via_gateway] / throughput[via_nginx],
-            "ratio",
-        ));
-        report.goals.push(Target::at_most(
-            "gateway_vs_nginx_p99",
-            1.5,
-            p99[via_gateway] / p99[via_nginx],
-            "ratio",
-        ));
-    } else {
+    if rig.nginx.is_none() {
         for (name, required) in [
             ("gateway_vs_nginx_throughput", ">= 0.8"),
             ("gateway_vs_nginx_p99", "<= 1.5"),
@@ -309,26 +407,22 @@ async fn phases(
                 .goals
                 .push(Target::not_measured(name, required, "ratio", NGINX_MISSING));
         }
+        return;
     }
-
-    // Two replicas, one Redis: one user's 3,000 requests, alternating between them.
-    let second = gateway_env.start().await?;
-    wait_ready(&second.address).await?;
-    let user = format!("loadtest-limited-{}", uuid::Uuid::now_v7().simple());
-    limiter_phase(
-        report,
-        [&gateway.address, &second.address],
-        &token(&signer, &user),
-    )
-    .await?;
-
-    second.terminate(Duration::from_secs(10)).await?;
-    gateway.terminate(Duration::from_secs(10)).await?;
-    if let Some((nginx, _)) = nginx {
-        nginx.terminate(Duration::from_secs(5)).await?;
-    }
-    upstream.terminate(Duration::from_secs(5)).await?;
-    Ok(())
+    report.figure("nginx_added_latency_p50_ms", p50[via_nginx] - p50[direct]);
+    report.figure("nginx_added_latency_p99_ms", p99[via_nginx] - p99[direct]);
+    report.goals.push(Target::at_least(
+        "gateway_vs_nginx_throughput",
+        0.8,
+        closed.throughput[via_gateway] / closed.throughput[via_nginx],
+        "ratio",
+    ));
+    report.goals.push(Target::at_most(
+        "gateway_vs_nginx_p99",
+        1.5,
+        p99[via_gateway] / p99[via_nginx],
+        "ratio",
+    ));
 }
 
 /// What the closed-loop phases' CPU says of the throughput goal. Every process of the run
