@@ -232,6 +232,36 @@ impl Rig {
         Ok(())
     }
 
+    /// Sends the load along `path` for `phase` ([`drive`]: at `rate` when given, back to back
+    /// otherwise), and records where its tail came from.
+    async fn drive(
+        &self,
+        report: &mut Report,
+        path: Via,
+        rate: Option<f64>,
+        phase: Duration,
+    ) -> anyhow::Result<Outcome> {
+        let label = match rate {
+            None => format!("{}_closed_loop", path.name()),
+            Some(_) => format!("{}_open_loop", path.name()),
+        };
+        let inside = Inside::take(path, &self.gateway).await;
+        let progress = Progress::start(format!("gateway: {label}"), phase, None);
+        let outcome = drive(
+            self.address(path),
+            self.requests(path),
+            CONNECTIONS,
+            rate,
+            phase,
+        )
+        .await?;
+        drop(progress);
+        Inside::take(path, &self.gateway)
+            .await
+            .record_since(report, &inside, &label);
+        Ok(outcome)
+    }
+
     async fn cpu(&mut self) -> CpuSnapshot {
         CpuSnapshot::take(
             &self.upstream.0,
@@ -273,22 +303,7 @@ async fn closed_loop(
     for path in rig.paths() {
         let (i, name) = (path as usize, path.name());
         let before = rig.cpu().await;
-        let inside = Inside::take(path, &rig.gateway).await;
-        let progress = Progress::start(format!("gateway: closed loop via {name}"), phase, None);
-        let outcome = drive(
-            rig.address(path),
-            rig.requests(path),
-            CONNECTIONS,
-            None,
-            phase,
-        )
-        .await?;
-        drop(progress);
-        Inside::take(path, &rig.gateway).await.record_since(
-            report,
-            &inside,
-            &format!("{name}_closed_loop"),
-        );
+        let outcome = rig.drive(report, path, None, phase).await?;
         let after = rig.cpu().await;
         let rate = outcome.ok as f64 / outcome.elapsed.as_secs_f64();
         throughput[i] = rate;
@@ -339,22 +354,7 @@ async fn open_loop(
     };
     for path in paths {
         let (i, name) = (path as usize, path.name());
-        let inside = Inside::take(path, &rig.gateway).await;
-        let progress = Progress::start(format!("gateway: open loop via {name}"), phase, None);
-        let outcome = drive(
-            rig.address(path),
-            rig.requests(path),
-            CONNECTIONS,
-            Some(rate),
-            phase,
-        )
-        .await?;
-        drop(progress);
-        Inside::take(path, &rig.gateway).await.record_since(
-            report,
-            &inside,
-            &format!("{name}_open_loop"),
-        );
+        let outcome = rig.drive(report, path, Some(rate), phase).await?;
         let ms = |q: f64| outcome.latency_us.value_at_quantile(q) as f64 / 1e3;
         (open.p50[i], open.p99[i]) = (ms(0.5), ms(0.99));
         println!(
