@@ -8,10 +8,9 @@ use std::{
 };
 
 use anyhow::Context;
-use common::http::ServeSettings;
+use common::{http::ServeSettings, shutdown::Background};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     audit::{Audit, AuditWriter},
@@ -170,43 +169,52 @@ impl Application {
                 self.settings.max_header_bytes,
             )),
         };
-        let stop_proxy = CancellationToken::new();
-        let proxy_tasks = self.proxy.start(stop_proxy.clone());
-        let stop_audit = CancellationToken::new();
-        let audit_writer = tokio::spawn(self.audit_writer.run(stop_audit.clone()));
-        let stop_revocations = CancellationToken::new();
-        let revocations = self
-            .revocations
-            .map(|revocations| tokio::spawn(revocations.listen(stop_revocations.clone())));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let ready = self.state.readiness();
-        let admin = {
-            let mut stop_rx = stop_rx.clone();
-            tokio::spawn(common::http::serve(
-                self.admin_listener,
-                admin_router(self.state.clone()),
-                async move {
-                    let _ = stop_rx.wait_for(|stop| *stop).await;
-                },
-                // The admin router does not measure heads itself: hyper's bound is the setting.
-                ServeSettings {
-                    max_header_bytes: Some(self.settings.max_header_bytes),
-                    ..serve_settings
-                },
-            ))
+        // Background work, by the moment it stops: as the shutdown starts, the admin server
+        // and the proxy's health checks and WebSocket tunnels (tunnels never end by
+        // themselves and would hold up the drain); once serving has ended, the revocation
+        // listener; after the drain, the audit writer, which flushes what the last requests
+        // recorded.
+        let at_shutdown = Background::new();
+        let with_server = Background::new();
+        let after_drain = Background::new();
+        let proxy = self.proxy;
+        at_shutdown.spawn(|stop| {
+            let checks = proxy.start(stop);
+            async move {
+                let _ = checks.await;
+            }
+        });
+        let (admin_listener, admin) = (self.admin_listener, admin_router(self.state.clone()));
+        // The admin router does not measure heads itself: hyper's bound is the setting.
+        let admin_settings = ServeSettings {
+            max_header_bytes: Some(self.settings.max_header_bytes),
+            ..serve_settings
         };
+        at_shutdown.spawn(|stop| async move {
+            let served = common::http::serve(
+                admin_listener,
+                admin,
+                stop.cancelled_owned(),
+                admin_settings,
+            );
+            if let Err(error) = served.await {
+                tracing::error!(error = format!("{error:#}"), "the admin server failed");
+            }
+        });
+        if let Some(revocations) = self.revocations {
+            with_server.spawn(|stop| revocations.listen(stop));
+        }
+        let audit_writer = self.audit_writer;
+        after_drain.spawn(|stop| audit_writer.run(stop));
+        let ready = self.state.readiness();
         let shutdown = {
-            let stop_proxy = stop_proxy.clone();
+            let at_shutdown = at_shutdown.clone();
             async move {
                 shutdown.await;
                 ready.store(false, Ordering::Release);
-                let _ = stop_tx.send(true);
-                // WebSocket tunnels never finish by themselves: close them so the drain can.
-                stop_proxy.cancel();
+                at_shutdown.cancel();
             }
         };
-        // Whether serving ended well or not, the background tasks stop and the audit queue is
-        // flushed before this returns.
         let served = common::http::serve(
             self.listener,
             PublicService::new(self.state, self.settings.max_header_bytes),
@@ -214,19 +222,12 @@ impl Application {
             serve_settings,
         )
         .await;
-        // The shutdown future (and with it the admin server's stop sender) is gone by now, so
-        // the admin server is stopping either way.
-        let _ = admin.await;
-        drop(stop_rx);
-        stop_proxy.cancel();
-        let _ = proxy_tasks.await;
-        stop_revocations.cancel();
-        if let Some(revocations) = revocations {
-            let _ = revocations.await;
-        }
+        // Whether serving ended well or not, the background work stops, in that order, before
+        // this returns. The first two were told to stop when the shutdown started.
+        at_shutdown.stop(drain).await;
+        with_server.stop(drain).await;
         // No request is left to record anything: the writer flushes what is queued and ends.
-        stop_audit.cancel();
-        if tokio::time::timeout(flush, audit_writer).await.is_err() {
+        if !after_drain.stop(flush).await {
             tracing::error!("audit events still queued at exit: PostgreSQL is not taking them");
         }
         let drained = served.context("server failed")?;

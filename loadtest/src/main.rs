@@ -4,20 +4,37 @@
 //! figures, writes `target/loadtest/<scenario>.json`, and exits non-zero when a stated
 //! target is missed. `loadtest suite` runs every scenario. Service binaries are taken from
 //! the loadtest binary's own folder, so build them first: `cargo build --release --bins`.
+//!
+//! Before any load, [`preflight`] checks what the chosen scenarios need. Each scenario's
+//! report is written as soon as it ends; one that fails part-way records why in its report,
+//! and the suite goes on with the next.
+//!
+//! # Layout
+//! - [`preflight`]: the checks before any load; [`backends`]: PostgreSQL and Redis.
+//! - [`metrics`], [`notify`], [`gateway`]: one scenario each.
+//! - [`report`]: targets, goals, figures, the JSON report and the table.
+//! - [`scrape`]: services' histograms and the host's steal, and the quiet-stretch judgement.
+//! - [`service`]: child processes; [`client`]: the raw HTTP/1.1 client; [`progress`]: the
+//!   terminal's progress lines.
 
+mod backends;
 mod client;
-mod database;
 mod gateway;
 mod metrics;
 mod notify;
+mod preflight;
+mod progress;
 mod report;
 mod scrape;
 mod service;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{panic::AssertUnwindSafe, path::PathBuf, process::ExitCode};
 
+use backends::Backend;
 use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
 
+use preflight::Needs;
 use report::Report;
 
 #[derive(Debug, Parser)]
@@ -123,7 +140,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(&cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
-            eprintln!("a stated target was missed");
+            eprintln!("a stated target was missed, or a scenario stopped before its end");
             ExitCode::FAILURE
         }
         Err(error) => {
@@ -133,23 +150,92 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: &Cli) -> anyhow::Result<bool> {
-    let reports: Vec<Report> = match cli.scenario {
-        Scenario::Metrics => vec![metrics::run(cli.quick).await?],
-        Scenario::Notify => vec![notify::run(cli.quick).await?],
-        Scenario::Gateway => vec![gateway::run(cli.quick).await?],
-        Scenario::Suite => vec![
-            metrics::run(cli.quick).await?,
-            notify::run(cli.quick).await?,
-            gateway::run(cli.quick).await?,
-        ],
+/// The scenarios a command runs, in order.
+fn scenarios(scenario: &Scenario) -> Vec<Scenario> {
+    match scenario {
+        Scenario::Suite => vec![Scenario::Metrics, Scenario::Notify, Scenario::Gateway],
+        Scenario::Metrics => vec![Scenario::Metrics],
+        Scenario::Notify => vec![Scenario::Notify],
+        Scenario::Gateway => vec![Scenario::Gateway],
         Scenario::MetricsSoak | Scenario::NotifyClients { .. } | Scenario::EchoUpstream { .. } => {
             unreachable!("handled before the runtime starts")
         }
-    };
-    for report in &reports {
+    }
+}
+
+/// What a scenario needs before it starts.
+fn needs(scenario: &Scenario, quick: bool) -> Needs {
+    match scenario {
+        Scenario::Metrics => Needs {
+            scenario: "metrics",
+            binaries: &["metrics-processor"],
+            backends: &[],
+            open_files: 256,
+            nginx_peer: false,
+        },
+        Scenario::Notify => Needs {
+            scenario: "notify",
+            binaries: &["notification-server"],
+            backends: &[Backend::Postgres, Backend::Redis],
+            // The capacity phase holds 19,000 connections in one client process.
+            open_files: if quick { 5_500 } else { 19_500 },
+            nginx_peer: false,
+        },
+        Scenario::Gateway => Needs {
+            scenario: "gateway",
+            binaries: &["api-gateway"],
+            backends: &[Backend::Postgres, Backend::Redis],
+            open_files: 1_024,
+            nginx_peer: true,
+        },
+        _ => unreachable!("only scenarios have needs"),
+    }
+}
+
+async fn run(cli: &Cli) -> anyhow::Result<bool> {
+    let scenarios = scenarios(&cli.scenario);
+    let needs: Vec<Needs> = scenarios.iter().map(|s| needs(s, cli.quick)).collect();
+    preflight::check(&needs, &cli.out_dir).await?;
+    let mut reports = Vec::new();
+    for (scenario, needs) in scenarios.iter().zip(&needs) {
+        let mut report = Report::new(needs.scenario, cli.quick);
+        let outcome = match scenario {
+            Scenario::Metrics => {
+                AssertUnwindSafe(metrics::run(&mut report, cli.quick))
+                    .catch_unwind()
+                    .await
+            }
+            Scenario::Notify => {
+                AssertUnwindSafe(notify::run(&mut report, cli.quick))
+                    .catch_unwind()
+                    .await
+            }
+            Scenario::Gateway => {
+                AssertUnwindSafe(gateway::run(&mut report, cli.quick))
+                    .catch_unwind()
+                    .await
+            }
+            _ => unreachable!("only scenarios are run"),
+        };
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(format!("{error:#}")),
+            Err(panic) => Some(format!(
+                "panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        };
+        if let Some(error) = error {
+            eprintln!("{}: stopped before its end: {error}", needs.scenario);
+            report.error = Some(error);
+        }
         let path = report.write(&cli.out_dir)?;
         println!("wrote {}", path.display());
+        reports.push(report);
     }
     println!("\n{}", report::table(&reports));
     Ok(reports.iter().all(Report::passed))

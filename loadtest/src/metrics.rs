@@ -28,6 +28,7 @@ use serde_json::{Value, json};
 
 use crate::{
     client::{self, Connection, request},
+    progress::Progress,
     report::{Report, Target},
     scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, memory_of},
@@ -79,33 +80,8 @@ fn micros(histogram: &Histogram<u64>, q: f64) -> f64 {
     histogram.value_at_quantile(q) as f64
 }
 
-fn latency_figures(
-    report: &mut Report,
-    prefix: &str,
-    histogram: &Histogram<u64>,
-    scale_to_ms: f64,
-) {
-    report.figure(
-        &format!("{prefix}_p50_ms"),
-        micros(histogram, 0.50) / scale_to_ms,
-    );
-    report.figure(
-        &format!("{prefix}_p99_ms"),
-        micros(histogram, 0.99) / scale_to_ms,
-    );
-    report.figure(
-        &format!("{prefix}_p999_ms"),
-        micros(histogram, 0.999) / scale_to_ms,
-    );
-    report.figure(
-        &format!("{prefix}_max_ms"),
-        histogram.max() as f64 / scale_to_ms,
-    );
-}
-
-/// Runs the scenario.
-pub async fn run(quick: bool) -> anyhow::Result<Report> {
-    let mut report = Report::new("metrics", quick);
+/// Runs the scenario into `report`.
+pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let phase = if quick {
         Duration::from_secs(3)
     } else {
@@ -113,12 +89,11 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     };
 
     println!("metrics: in-process ingest and query …");
-    in_process(&mut report, quick).await?;
+    in_process(report, quick).await?;
     println!("metrics: memory soak (60 simulated minutes) …");
-    soak(&mut report, quick).await?;
+    soak(report, quick).await?;
     println!("metrics: HTTP phases against the real service …");
-    over_http(&mut report, phase).await?;
-    Ok(report)
+    over_http(report, phase).await
 }
 
 async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
@@ -128,6 +103,11 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         Duration::from_secs(8)
     };
     let quick_copy = quick;
+    let _progress = Progress::start(
+        "metrics: in-process ingest, then 60-minute queries",
+        duration * 3,
+        None,
+    );
     let (events_per_second, latency, query) = tokio::task::spawn_blocking(move || {
         let now = Utc::now().timestamp_millis();
         let processor = MetricsProcessor::with_clock(
@@ -222,7 +202,7 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "in_process_events_per_second_2_threads",
         events_per_second.round(),
     );
-    latency_figures(report, "in_process_event_latency", &latency, 1e6);
+    report.latency_figures_ns("in_process_event_latency", &latency);
     report.goals.push(Target::at_least(
         "in_process_events_per_second_2_threads",
         20e6,
@@ -230,8 +210,8 @@ async fn in_process(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "events/s",
     ));
     if let Some((warm, cold)) = query {
-        latency_figures(report, "get_aggregates_60m_1000_types_warm", &warm, 1e3);
-        latency_figures(report, "get_aggregates_60m_1000_types_cold", &cold, 1e3);
+        report.latency_figures("get_aggregates_60m_1000_types_warm", &warm);
+        report.latency_figures("get_aggregates_60m_1000_types_cold", &cold);
         let warm_p99 = micros(&warm, 0.99) / 1e3;
         let cold_p99 = micros(&cold, 0.99) / 1e3;
         report.goals.push(Target::at_most(
@@ -258,6 +238,11 @@ async fn soak(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     if quick {
         command.arg("--quick");
     }
+    let _progress = Progress::start(
+        "metrics: memory soak",
+        Duration::from_secs(if quick { 20 } else { 60 }),
+        None,
+    );
     let output = command
         .output()
         .await
@@ -630,12 +615,7 @@ fn record_phase(
     let rate = (acknowledged as f64 / outcome.elapsed.as_secs_f64()).round();
     report.figure(&format!("{name}_events_per_second"), rate);
     report.figure(&format!("{name}_failed_requests"), outcome.failed_requests);
-    latency_figures(
-        report,
-        &format!("{name}_request_latency"),
-        &outcome.latency_us(),
-        1e3,
-    );
+    report.latency_figures(&format!("{name}_request_latency"), &outcome.latency_us());
     report.goals.push(Target::at_least(
         &format!("{name}_events_per_second"),
         goal,
@@ -647,9 +627,33 @@ fn record_phase(
 
 async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let service = Service::start("metrics-processor", &[]).await?;
-    let address = service.address.clone();
-    let mut acknowledged = 0u64;
+    let back_to_back = back_to_back(report, &service.address, phase).await?;
+    let offered = paced_target(report, &service.address, phase).await?;
+    report.targets.push(Target::at_most(
+        "http_failed_requests",
+        0.0,
+        (back_to_back.failed_requests + offered.failed_requests) as f64,
+        "requests",
+    ));
+    nothing_lost(
+        report,
+        &service.address,
+        back_to_back.acknowledged + offered.acknowledged,
+    )
+    .await?;
+    shutdown_under_load(report, service).await
+}
 
+/// What a phase over HTTP had acknowledged, and how many requests failed.
+struct Sent {
+    acknowledged: u64,
+    failed_requests: u64,
+}
+
+/// The goals of single events (16 connections) and batches of 1,000 (4 connections), each
+/// sent back to back for `phase`.
+async fn back_to_back(report: &mut Report, address: &str, phase: Duration) -> anyhow::Result<Sent> {
+    let mut acknowledged = 0u64;
     // Single events, 16 connections back to back.
     let timestamp = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
     let mut rng = Rng(5);
@@ -663,13 +667,25 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let single = closed_loop(&address, 16, phase, Arc::new(singles)).await?;
+    let progress = Progress::start("metrics: single events over HTTP", phase, None);
+    let single = closed_loop(address, 16, phase, Arc::new(singles)).await?;
+    drop(progress);
     acknowledged += record_phase(report, "http_single", &single, 1, 50_000.0);
 
     // Batches of 1,000, 4 connections back to back.
-    let batches = closed_loop(&address, 4, phase, Arc::new(batch_requests(16, 1_000, 6))).await?;
+    let progress = Progress::start("metrics: batches over HTTP", phase, None);
+    let batches = closed_loop(address, 4, phase, Arc::new(batch_requests(16, 1_000, 6))).await?;
+    drop(progress);
     acknowledged += record_phase(report, "http_batch", &batches, 1_000, 1e6);
 
+    Ok(Sent {
+        acknowledged,
+        failed_requests: single.failed_requests + batches.failed_requests,
+    })
+}
+
+/// The stated targets of throughput and per-event p99, judged as ADR 0010 says.
+async fn paced_target(report: &mut Report, address: &str, phase: Duration) -> anyhow::Result<Sent> {
     // The stated target: 100K events/s offered open-loop as 1,000 batches of 100 per second,
     // measured in 5 s windows beside the host's steal. This shared machine has spells of a
     // few seconds in which the hypervisor runs something else (quick runs once measured 0.44
@@ -693,19 +709,25 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     // The service's own handler histogram over the phase tells a slow service from a wait
     // outside it (the kernel, the runtimes' queues, the host).
     const HANDLER: &str = "metrics_processor_http_request_duration_seconds";
-    let handler_before = scrape::metrics(&address).await?;
+    let handler_before = scrape::metrics(address).await?;
+    let progress = Progress::start(
+        "metrics: paced 100K events/s, until the host is quiet",
+        WARM_UP + WINDOW * plan.min_windows as u32,
+        Some(WARM_UP + WINDOW * plan.max_windows as u32),
+    );
     let Paced {
         outcome: offered,
         steal_percent,
     } = paced(
-        &address,
+        address,
         8,
         1_000.0,
         plan,
         Arc::new(batch_requests(64, 100, 7)),
     )
     .await?;
-    let handler = scrape::metrics(&address)
+    drop(progress);
+    let handler = scrape::metrics(address)
         .await?
         .get(HANDLER)
         .map(|after| after.since(handler_before.get(HANDLER).unwrap_or(&Default::default())))
@@ -719,38 +741,29 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     report.figure("http_paced_service_handler_observations", handler.total());
     report.figure("http_paced_client_over_1_ms", client_over);
     let offered_rate = (offered.accepted_requests * 100) as f64 / offered.elapsed.as_secs_f64();
-    acknowledged += offered.accepted_requests * 100;
     report.figure("http_paced_failed_requests", offered.failed_requests);
-    latency_figures(report, "http_paced_event_latency", &all_windows, 1e3);
+    report.latency_figures("http_paced_event_latency", &all_windows);
     let window_p99: Vec<f64> = offered
         .windows
         .iter()
         .map(|w| micros(w, 0.99) / 1e3)
-        .collect();
-    let quiet: Vec<&Histogram<u64>> = offered
-        .windows
-        .iter()
-        .zip(&steal_percent)
-        .filter(|(_, steal)| is_quiet(**steal))
-        .map(|(window, _)| window)
         .collect();
     // At least two quiet windows (~10,000 samples) judge the client's p99. When the host
     // stole CPU in (nearly) every window, the client measured the hypervisor: the target is
     // then judged on the service's own handler histogram over the same phase, at the upper
     // bound of the bucket holding its p99 (0.8 ms or 1.6 ms around the limit), so a slow
     // service still fails; the client's figure over every window is kept as a goal.
-    let on_quiet = quiet.len() >= 2;
-    let judged = if on_quiet {
-        merged(quiet.iter().copied())
-    } else {
-        all_windows
-    };
+    let quiet =
+        scrape::quiet_stretches(offered.windows.iter().zip(steal_percent.iter().copied()), 2);
+    let on_quiet = quiet.is_some();
+    let quiet_count = quiet.as_ref().map_or(0, |q| q.count);
+    let judged = quiet.map_or(all_windows, |q| q.merged);
     let client_p99 = micros(&judged, 0.99) / 1e3;
     report.figure("http_paced_window_seconds", WINDOW.as_secs());
     report.figure("http_paced_window_p99_ms", window_p99.clone());
     report.figure("http_paced_window_steal_percent", steal_percent.clone());
     report.figure("http_paced_steal_limit_percent", STEAL_LIMIT_PERCENT);
-    report.figure("http_paced_quiet_windows", quiet.len());
+    report.figure("http_paced_quiet_windows", quiet_count);
     report.figure("http_paced_judged_samples", judged.len());
     report.figure(
         "http_paced_judged_on",
@@ -768,7 +781,7 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         list(&window_p99, 3),
         list(&steal_percent, 2),
         if on_quiet {
-            format!("{} quiet windows", quiet.len())
+            format!("{quiet_count} quiet windows")
         } else {
             format!(
                 "all {} windows; fewer than two were quiet, so the target is judged inside \
@@ -793,15 +806,17 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
     let (target, goal) = latency_verdict(on_quiet, client_p99, handler_p99_ms);
     report.targets.push(target);
     report.goals.extend(goal);
-    report.targets.push(Target::at_most(
-        "http_failed_requests",
-        0.0,
-        (single.failed_requests + batches.failed_requests + offered.failed_requests) as f64,
-        "requests",
-    ));
 
-    // Nothing acknowledged was lost: the service counts exactly what it acknowledged.
-    let mut connection = Connection::open(&address).await?;
+    Ok(Sent {
+        acknowledged: offered.accepted_requests * 100,
+        failed_requests: offered.failed_requests,
+    })
+}
+
+/// The stated target that nothing acknowledged was lost: the service counts exactly what it
+/// acknowledged.
+async fn nothing_lost(report: &mut Report, address: &str, acknowledged: u64) -> anyhow::Result<()> {
+    let mut connection = Connection::open(address).await?;
     let (status, body) = connection
         .send(&request(
             "GET",
@@ -826,7 +841,13 @@ async fn over_http(report: &mut Report, phase: Duration) -> anyhow::Result<()> {
         "events",
     ));
 
-    // Shutdown under load: two clients keep sending batches while SIGTERM arrives.
+    Ok(())
+}
+
+/// The stated targets of peak memory and a clean shutdown within 5 s while two clients keep
+/// sending batches.
+async fn shutdown_under_load(report: &mut Report, service: Service) -> anyhow::Result<()> {
+    let address = service.address.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let answered = Arc::new(AtomicU64::new(0));
     let requests = Arc::new(batch_requests(4, 1_000, 8));
@@ -901,7 +922,7 @@ mod tests {
         assert_eq!(target.name, "http_event_latency_p99_in_service");
         assert!(target.pass);
         let goal = goal.expect("the client's figure is kept");
-        assert_eq!(goal.measured, 11.9);
+        assert_eq!(goal.measured, Some(11.9));
         assert!(!goal.pass);
     }
 

@@ -32,8 +32,9 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::{
+    backends::{self, Database},
     client::{self, Connection},
-    database::Database,
+    progress::Progress,
     report::{Report, Target},
     scrape::{self, STEAL_LIMIT_PERCENT, is_quiet},
     service::{Service, cpu_seconds_of},
@@ -77,27 +78,27 @@ impl Plan {
     }
 }
 
-/// Runs the scenario.
-pub async fn run(quick: bool) -> anyhow::Result<Report> {
-    let mut report = Report::new("notify", quick);
+/// Runs the scenario into `report`.
+pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let keys = Keys::new()?;
     let database = Database::create("notify").await?;
-    let result = main_phase(&mut report, &keys, &database, Plan::new(quick)).await;
+    let result = main_phase(report, &keys, &database, Plan::new(quick)).await;
     database.drop_it().await;
     result?;
     if !quick {
         let database = Database::create("notify").await?;
-        let result = capacity_phase(&mut report, &keys, &database, 19_000).await;
+        let result = capacity_phase(report, &keys, &database, 19_000).await;
         database.drop_it().await;
         result?;
         let database = Database::create("notify").await?;
-        let result = cluster_phase(&mut report, &keys, &database, 3, 45_000).await;
+        let result = cluster_phase(report, &keys, &database, 3, 45_000).await;
         database.drop_it().await;
         result?;
     }
-    Ok(report)
+    Ok(())
 }
 
+/// The stated targets: 5,000 connections, delivery p99, exactly-once, shutdown with 1001.
 async fn main_phase(
     report: &mut Report,
     keys: &Keys,
@@ -105,14 +106,91 @@ async fn main_phase(
     plan: Plan,
 ) -> anyhow::Result<()> {
     let service = keys.start_service(&database.url).await?;
-    let address = service.address.clone();
     let (rss_idle, _) = service.memory()?;
     println!(
         "notify: {} connections for {} users, {} groups",
         plan.connections, plan.users, GROUPS
     );
 
-    // Everyone is in `all` and in one of GROUPS smaller groups.
+    join_groups(report, keys, &service.address, plan).await?;
+    let (clients, per_connection) = connect_all(report, keys, &service, plan, rss_idle).await?;
+    let sends = send_rounds(report, keys, &service, &clients, plan).await?;
+    let broadcast_p99 = sends
+        .outcome
+        .api_latency_us
+        .get("broadcast_all")
+        .map_or(f64::NAN, |h| h.value_at_quantile(0.99) as f64 / 1e3);
+
+    // Shut down with every client connected: each must get 1001, within 5 s.
+    let (shutdown, clean) = service.terminate(Duration::from_secs(10)).await?;
+    let results = clients.finish(Duration::from_secs(5)).await;
+    let check = exactly_once(plan, &sends.expected, &results);
+    let judged_p99_ms = delivery_latency(report, &sends, &results)?;
+    broadcast_spread(report, &sends.outcome, &results);
+    report.figure(
+        "deliveries_received",
+        results.iter().map(|r| r.receipts.len()).sum::<usize>(),
+    );
+    report.figure("deliveries_missing", check.missing);
+    report.figure("deliveries_duplicated", check.duplicated);
+    report.figure("deliveries_unexpected", check.unexpected);
+    report.figure("shutdown_clean_exit", clean);
+    report.figure("shutdown_seconds", shutdown.as_secs_f64());
+    let closed_1001 = results
+        .iter()
+        .filter(|r| r.close_code == Some(1001))
+        .count();
+    report.figure("clients_closed_with_1001", closed_1001);
+
+    report
+        .targets
+        .push(Target::below("delivery_p99_ms", 100.0, judged_p99_ms, "ms"));
+    report.targets.push(Target::at_most(
+        "deliveries_missing_or_duplicated",
+        0.0,
+        (check.missing + check.duplicated + check.unexpected) as f64,
+        "frames",
+    ));
+    report.targets.push(Target::at_most(
+        "send_failures",
+        0.0,
+        sends.outcome.failures as f64,
+        "requests",
+    ));
+    report.targets.push(Target::below(
+        "shutdown_seconds",
+        5.0,
+        shutdown.as_secs_f64(),
+        "s",
+    ));
+    report.targets.push(Target::at_least(
+        "clients_closed_with_1001",
+        plan.connections as f64,
+        closed_1001 as f64,
+        "conns",
+    ));
+    report.goals.push(Target::at_most(
+        "broadcast_5000_recipients_api_p99_ms",
+        20.0,
+        broadcast_p99,
+        "ms",
+    ));
+    report.goals.push(Target::at_most(
+        "service_rss_per_connection_kb",
+        8.0,
+        per_connection / 1e3,
+        "KB",
+    ));
+    Ok(())
+}
+
+/// Everyone joins `all` and one of [`GROUPS`] smaller groups.
+async fn join_groups(
+    report: &mut Report,
+    keys: &Keys,
+    address: &str,
+    plan: Plan,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let admin = keys.token("loadtest-admin", &["admin"]);
     let mut requests = Vec::with_capacity(plan.users * 2);
@@ -126,12 +204,23 @@ async fn main_phase(
             ));
         }
     }
-    run_requests(&address, requests, 16, &[201, 204]).await?;
+    run_requests(address, requests, 16, &[201, 204]).await?;
     report.figure("membership_setup_seconds", started.elapsed().as_secs_f64());
 
-    // Connect: user u has one connection, the first (connections - users) users two.
+    Ok(())
+}
+
+/// Connects every client (user u has one connection, the first `connections - users` users
+/// two) and records the memory each costs the service; returns the clients and that cost.
+async fn connect_all(
+    report: &mut Report,
+    keys: &Keys,
+    service: &Service,
+    plan: Plan,
+    rss_idle: u64,
+) -> anyhow::Result<(Clients, f64)> {
     let started = Instant::now();
-    let server: SocketAddr = address.parse()?;
+    let server: SocketAddr = service.address.parse()?;
     let clients = Clients::connect(&[server], keys, 0, plan.connections, plan.users).await?;
     let connect_seconds = started.elapsed().as_secs_f64();
     report.figure("connect_seconds", connect_seconds);
@@ -151,6 +240,28 @@ async fn main_phase(
         "conns",
     ));
 
+    Ok((clients, per_connection))
+}
+
+/// The sends of every round, and what the clients must have received.
+struct Rounds {
+    outcome: SendOutcome,
+    /// Each round's sends (a range of `outcome.sent`), and the host's steal while it ran.
+    rounds: Vec<(Range<usize>, f64)>,
+    /// The notification ids each user must receive.
+    expected: Vec<HashSet<String>>,
+}
+
+/// Runs the send schedule until a round had the host quiet (see the comment inside), and
+/// records the rounds, the CPU they cost and the API's latency.
+async fn send_rounds(
+    report: &mut Report,
+    keys: &Keys,
+    service: &Service,
+    clients: &Clients,
+    plan: Plan,
+) -> anyhow::Result<Rounds> {
+    let address = service.address.clone();
     // The send schedule: every all-broadcast, group broadcast and direct send, spread out.
     // It runs once on a quiet host. A round in which the host stole more than
     // STEAL_LIMIT_PERCENT measured the hypervisor as much as the service (one broadcast
@@ -171,9 +282,13 @@ async fn main_phase(
         api_latency_us: HashMap::new(),
         failures: 0,
     };
-    // Each round's sends (a range of `outcome.sent`), and the host's steal while it ran.
     let mut rounds: Vec<(Range<usize>, f64)> = Vec::new();
     let (expected, total_expected) = loop {
+        let _progress = Progress::start(
+            format!("notify: send round {}", rounds.len() + 1),
+            plan.tick * schedule.len() as u32,
+            Some(plan.tick * schedule.len() as u32 + Duration::from_secs(15)),
+        );
         let ticks = scrape::cpu_ticks();
         let round =
             send_schedule_alone(std::slice::from_ref(&address), &sender, plan, &schedule).await?;
@@ -217,18 +332,27 @@ async fn main_phase(
     report.figure("notifications_sent", outcome.sent.len());
     report.figure("deliveries_expected", total_expected);
     for (kind, histogram) in &outcome.api_latency_us {
-        latency_figures(report, &format!("api_{kind}"), histogram);
+        report.latency_figures(&format!("api_{kind}"), histogram);
     }
-    let broadcast_p99 = outcome
-        .api_latency_us
-        .get("broadcast_all")
-        .map_or(f64::NAN, |h| h.value_at_quantile(0.99) as f64 / 1e3);
     report.figure("send_failures", outcome.failures);
 
-    // Shut down with every client connected: each must get 1001, within 5 s.
-    let (shutdown, clean) = service.terminate(Duration::from_secs(10)).await?;
-    let results = clients.finish(Duration::from_secs(5)).await;
-    let check = exactly_once(plan, &expected, &results);
+    Ok(Rounds {
+        outcome,
+        rounds,
+        expected,
+    })
+}
+
+/// Records the delivery latency over every round and per round; returns the p99 the target
+/// judges: over the quiet rounds, or over every round when none was quiet (ADR 0010).
+fn delivery_latency(
+    report: &mut Report,
+    sends: &Rounds,
+    results: &[ClientResult],
+) -> anyhow::Result<f64> {
+    let Rounds {
+        outcome, rounds, ..
+    } = sends;
     let round_of: HashMap<&str, usize> = rounds
         .iter()
         .enumerate()
@@ -241,7 +365,7 @@ async fn main_phase(
     let new_histogram = || Histogram::<u64>::new_with_bounds(1, 120_000_000, 3);
     let mut latency = new_histogram()?;
     let mut per_round = vec![new_histogram()?; rounds.len()];
-    for result in &results {
+    for result in results {
         for (id, us) in &result.receipts {
             latency.record((*us).max(1))?;
             if let Some(&round) = round_of.get(&**id) {
@@ -249,22 +373,16 @@ async fn main_phase(
             }
         }
     }
-    latency_figures(report, "delivery", &latency);
-    let quiet: Vec<&Histogram<u64>> = per_round
-        .iter()
-        .zip(&rounds)
-        .filter(|(_, (_, steal))| is_quiet(*steal))
-        .map(|(histogram, _)| histogram)
-        .collect();
-    let judged_p99_ms = if quiet.is_empty() {
-        latency.value_at_quantile(0.99)
-    } else {
-        let mut judged = new_histogram()?;
-        for histogram in &quiet {
-            judged.add(*histogram)?;
-        }
-        judged.value_at_quantile(0.99)
-    } as f64
+    report.latency_figures("delivery", &latency);
+    let quiet = scrape::quiet_stretches(
+        per_round.iter().zip(rounds.iter().map(|(_, steal)| *steal)),
+        1,
+    );
+    let quiet_count = quiet.as_ref().map_or(0, |q| q.count);
+    let judged_p99_ms = quiet
+        .as_ref()
+        .map_or(&latency, |q| &q.merged)
+        .value_at_quantile(0.99) as f64
         / 1e3;
     report.figure(
         "round_delivery_p99_ms",
@@ -273,16 +391,20 @@ async fn main_phase(
             .map(|h| h.value_at_quantile(0.99) as f64 / 1e3)
             .collect::<Vec<_>>(),
     );
-    report.figure("quiet_rounds", quiet.len());
+    report.figure("quiet_rounds", quiet_count);
     report.figure(
         "delivery_p99_judged_on",
-        if quiet.is_empty() {
+        if quiet_count == 0 {
             "every round (none was quiet)"
         } else {
             "quiet rounds"
         },
     );
-    // How a broadcast to everyone unfolds: its first delivery, and the spread to its last.
+    Ok(judged_p99_ms)
+}
+
+/// How a broadcast to everyone unfolds: its first delivery, and the spread to its last.
+fn broadcast_spread(report: &mut Report, outcome: &SendOutcome, results: &[ClientResult]) {
     let everyone: HashSet<&str> = outcome
         .sent
         .iter()
@@ -290,7 +412,7 @@ async fn main_phase(
         .map(|(_, id, _)| id.as_str())
         .collect();
     let mut span: HashMap<&str, (u64, u64)> = HashMap::new();
-    for result in &results {
+    for result in results {
         for (id, us) in &result.receipts {
             if everyone.contains(&**id) {
                 let entry = span.entry(&**id).or_insert((u64::MAX, 0));
@@ -317,58 +439,6 @@ async fn main_phase(
             spreads[spreads.len() - 1] as f64 / 1e3,
         );
     }
-    report.figure("deliveries_received", latency.len());
-    report.figure("deliveries_missing", check.missing);
-    report.figure("deliveries_duplicated", check.duplicated);
-    report.figure("deliveries_unexpected", check.unexpected);
-    report.figure("shutdown_clean_exit", clean);
-    report.figure("shutdown_seconds", shutdown.as_secs_f64());
-    let closed_1001 = results
-        .iter()
-        .filter(|r| r.close_code == Some(1001))
-        .count();
-    report.figure("clients_closed_with_1001", closed_1001);
-
-    report
-        .targets
-        .push(Target::below("delivery_p99_ms", 100.0, judged_p99_ms, "ms"));
-    report.targets.push(Target::at_most(
-        "deliveries_missing_or_duplicated",
-        0.0,
-        (check.missing + check.duplicated + check.unexpected) as f64,
-        "frames",
-    ));
-    report.targets.push(Target::at_most(
-        "send_failures",
-        0.0,
-        outcome.failures as f64,
-        "requests",
-    ));
-    report.targets.push(Target::below(
-        "shutdown_seconds",
-        5.0,
-        shutdown.as_secs_f64(),
-        "s",
-    ));
-    report.targets.push(Target::at_least(
-        "clients_closed_with_1001",
-        plan.connections as f64,
-        closed_1001 as f64,
-        "conns",
-    ));
-    report.goals.push(Target::at_most(
-        "broadcast_5000_recipients_api_p99_ms",
-        20.0,
-        broadcast_p99,
-        "ms",
-    ));
-    report.goals.push(Target::at_most(
-        "service_rss_per_connection_kb",
-        8.0,
-        per_connection / 1e3,
-        "KB",
-    ));
-    Ok(())
 }
 
 /// Full runs only: as many idle connections as one process may hold here (the open-file
@@ -384,7 +454,13 @@ async fn capacity_phase(
     println!("notify: capacity, {connections} connections on one node");
     let started = Instant::now();
     let server: SocketAddr = service.address.parse()?;
+    let progress = Progress::start(
+        format!("notify: opening {connections} connections"),
+        Duration::from_secs(20),
+        None,
+    );
     let clients = Clients::connect(&[server], keys, 0, connections, connections).await?;
+    drop(progress);
     report.figure("capacity_connect_seconds", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (rss, _) = service.memory()?;
@@ -446,9 +522,7 @@ async fn cluster_phase(
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-    let redis_url = std::env::var("LOADTEST_REDIS_URL")
-        .or_else(|_| std::env::var("TEST_REDIS_URL"))
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis_url = backends::redis_url();
     let prefix = format!("notify-loadtest-{}:", uuid::Uuid::now_v7().simple());
     let mut services = Vec::new();
     for _ in 0..nodes {
@@ -465,6 +539,11 @@ async fn cluster_phase(
     println!("notify: cluster, {connections} connections over {nodes} nodes");
 
     // Client processes: each opens its share, spread over every node.
+    let _progress = Progress::start(
+        format!("notify: cluster of {nodes} nodes, {connections} connections"),
+        Duration::from_secs(90),
+        None,
+    );
     let started = Instant::now();
     let mut children = Vec::new();
     let mut first = 0;
@@ -555,8 +634,8 @@ async fn cluster_phase(
                 .count()
         })
         .sum();
-    latency_figures(report, "cluster_cross_node_delivery", &cross);
-    latency_figures(report, "cluster_same_node_delivery", &same);
+    report.latency_figures("cluster_cross_node_delivery", &cross);
+    report.latency_figures("cluster_same_node_delivery", &same);
     report.figure("cluster_sends", outcome.sent.len());
     report.figure("cluster_send_failures", outcome.failures);
     report.figure("cluster_deliveries_missing", missing);
@@ -621,14 +700,6 @@ pub fn clients_child(
         println!("{}", serde_json::to_string(&receipts)?);
         anyhow::Ok(())
     })
-}
-
-fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) {
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1e3;
-    report.figure(&format!("{name}_p50_ms"), ms(0.5));
-    report.figure(&format!("{name}_p99_ms"), ms(0.99));
-    report.figure(&format!("{name}_max_ms"), histogram.max() as f64 / 1e3);
-    report.figure(&format!("{name}_samples"), histogram.len());
 }
 
 /// The signing key and the service it is trusted by.

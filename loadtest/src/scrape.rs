@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
+use hdrhistogram::Histogram;
 
 use crate::client::{self, Connection};
 
@@ -161,6 +162,35 @@ pub fn is_quiet(steal_percent: f64) -> bool {
     steal_percent.is_nan() || steal_percent <= STEAL_LIMIT_PERCENT
 }
 
+/// The stretches of a timed phase during which the host was quiet, merged: what ADR 0010
+/// judges an end-to-end p99 on.
+pub struct QuietStretches {
+    /// Every quiet stretch's samples together.
+    pub merged: Histogram<u64>,
+    /// How many stretches were quiet.
+    pub count: usize,
+}
+
+/// Merges the stretches (each a latency histogram and the host's steal while it ran) that
+/// were quiet, when at least `min_quiet` were; `None` tells the caller to fall back as its
+/// scenario documents (the service's own histogram, or every stretch).
+pub fn quiet_stretches<'a>(
+    stretches: impl IntoIterator<Item = (&'a Histogram<u64>, f64)>,
+    min_quiet: usize,
+) -> Option<QuietStretches> {
+    let mut merged = Histogram::new(3).expect("3 significant figures is a valid precision");
+    let mut count = 0;
+    for (histogram, steal) in stretches {
+        if is_quiet(steal) {
+            merged
+                .add(histogram)
+                .expect("an auto-resizing histogram takes any other");
+            count += 1;
+        }
+    }
+    (count >= min_quiet.max(1)).then_some(QuietStretches { merged, count })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +244,29 @@ api_gateway_limiter_decisions_total{by=\"redis\"} 7
         assert_eq!(phase.total(), 4);
         assert_eq!(phase.above(0.0128), Some(4));
         assert_eq!(phase.quantile_bound(0.5), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn only_quiet_stretches_are_merged_and_too_few_fall_back() {
+        let stretch = |micros: u64| {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).unwrap();
+            h.record(micros).unwrap();
+            h
+        };
+        let (fast, slow, fast_too) = (stretch(100), stretch(90_000), stretch(200));
+        let stretches = [(&fast, 0.1), (&slow, 7.5), (&fast_too, f64::NAN)];
+        let quiet = quiet_stretches(stretches, 2).expect("two quiet stretches");
+        assert_eq!(quiet.count, 2);
+        assert_eq!(quiet.merged.len(), 2);
+        assert!(
+            quiet.merged.max() < 1_000,
+            "the disturbed stretch is left out"
+        );
+        assert!(quiet_stretches(stretches, 3).is_none());
+        assert!(
+            quiet_stretches([(&slow, 3.0)], 0).is_none(),
+            "none quiet is never enough"
+        );
     }
 
     #[test]

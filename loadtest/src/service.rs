@@ -1,4 +1,6 @@
-//! Running a service binary as a child process, reading its memory, and stopping it.
+//! Child processes of a run: a suite service (started on port 0, found by its `listening`
+//! log line) or a helper such as nginx or the echo upstream; reading their CPU time and
+//! memory, and stopping them.
 
 use std::{
     path::PathBuf,
@@ -12,9 +14,99 @@ use tokio::{
     process::{Child, Command},
 };
 
-/// A service started by the load test.
-pub struct Service {
+/// A child process of the run. Dropped while it runs (an early return), it gets SIGTERM, so
+/// that nginx's master stops its workers too.
+pub struct Process {
     child: Child,
+    pid: u32,
+}
+
+impl Process {
+    /// Takes charge of a child that has just been spawned.
+    pub fn new(child: Child) -> anyhow::Result<Self> {
+        let pid = child.id().context("the process has already exited")?;
+        Ok(Self { child, pid })
+    }
+
+    /// Whether it has exited, and how.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
+    /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.
+    pub fn memory(&self) -> anyhow::Result<(u64, u64)> {
+        memory_of(&format!("/proc/{}/status", self.pid))
+    }
+
+    /// CPU time of the process alone so far, user and system apart.
+    pub fn own_cpu_time(&self) -> anyhow::Result<CpuTime> {
+        cpu_time_of(&format!("/proc/{}/stat", self.pid))
+    }
+
+    /// CPU time of the process and its children (nginx's workers), user and system apart.
+    pub fn cpu_time(&self) -> CpuTime {
+        let mut total = self.own_cpu_time().unwrap_or_default();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return total;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat_path = format!("/proc/{pid}/stat");
+            let Ok(stat) = std::fs::read_to_string(&stat_path) else {
+                continue;
+            };
+            // After `(comm)`: state, then the parent's pid.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if parent == Some(self.pid) {
+                total = total + cpu_time_of(&stat_path).unwrap_or_default();
+            }
+        }
+        total
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit (then SIGKILL); returns how long it
+    /// took and whether it exited on its own with success.
+    pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
+        let started = Instant::now();
+        sigterm(self.pid);
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => Ok((started.elapsed(), status?.success())),
+            Err(_) => {
+                self.child.kill().await.ok();
+                Ok((started.elapsed(), false))
+            }
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // On an early return: SIGKILL on nginx's master would leave its workers running.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            sigterm(self.pid);
+        }
+    }
+}
+
+fn sigterm(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A suite service started by the load test.
+pub struct Service {
+    process: Process,
     /// `host:port` it listens on.
     pub address: String,
     /// `host:port` of its admin listener (Prometheus metrics), when it has one.
@@ -78,7 +170,7 @@ impl Service {
         .with_context(|| format!("{name} did not start listening within 10 s"))??;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
-            child,
+            process: Process::new(child)?,
             address,
             admin,
         })
@@ -86,8 +178,7 @@ impl Service {
 
     /// Resident memory now and at its peak (VmRSS, VmHWM), in bytes.
     pub fn memory(&self) -> anyhow::Result<(u64, u64)> {
-        let pid = self.child.id().context("the service has exited")?;
-        memory_of(&format!("/proc/{pid}/status"))
+        self.process.memory()
     }
 
     /// CPU time the service has used so far (user + system), in seconds.
@@ -97,28 +188,12 @@ impl Service {
 
     /// The service's CPU time so far, user and system apart.
     pub fn cpu_time(&self) -> anyhow::Result<CpuTime> {
-        let pid = self.child.id().context("the service has exited")?;
-        cpu_time_of(&format!("/proc/{pid}/stat"))
+        self.process.own_cpu_time()
     }
 
     /// Sends SIGTERM and waits for the exit; returns how long it took and whether it was clean.
-    pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
-        let pid = self.child.id().context("the service has already exited")?;
-        let started = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
-        if !status.success() {
-            bail!("kill -TERM {pid} failed");
-        }
-        match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(status) => Ok((started.elapsed(), status?.success())),
-            Err(_) => {
-                self.child.kill().await.ok();
-                Ok((started.elapsed(), false))
-            }
-        }
+    pub async fn terminate(self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
+        self.process.terminate(limit).await
     }
 }
 
