@@ -180,9 +180,10 @@ pub async fn shed_load(
 /// (each ends at its next poll, which dropping them schedules).
 pub const DROP_WAIT: Duration = Duration::from_millis(100);
 
-/// How [`serve`] treats connections.
+/// How [`serve`] treats connections; [`crate::config::ServeSettings::serve_options`] makes one
+/// from a service's flags.
 #[derive(Clone, Copy, Debug)]
-pub struct ServeSettings {
+pub struct ServeOptions {
     /// Once shutdown starts, how long requests in flight may take to finish.
     pub grace: Duration,
     /// A client must send a request's whole head within this long, from the moment its
@@ -212,7 +213,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    settings: ServeSettings,
+    settings: ServeOptions,
 ) -> std::io::Result<bool>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,

@@ -1,6 +1,22 @@
-//! The future that starts a graceful shutdown: SIGTERM (what orchestrators send) or Ctrl-C.
+//! The future that starts a graceful shutdown (SIGTERM, what orchestrators send, or Ctrl-C),
+//! and the first step every service takes once it fires: leaving the balancers' rotation.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+/// Clears `ready` (what `/readyz` reports), then keeps the service serving for `delay`
+/// (SHUTDOWN_READINESS_DELAY) so load balancers see `/readyz` fail and stop sending before
+/// the listener closes. Await it in the shutdown future, before anything stops.
+pub async fn withdraw_readiness(ready: &AtomicBool, delay: Duration) {
+    ready.store(false, Ordering::Release);
+    if !delay.is_zero() {
+        tracing::info!(readiness_delay = ?delay, "shutdown started: not ready, still serving");
+        tokio::time::sleep(delay).await;
+    }
+}
 
 /// Completes on the first SIGTERM or Ctrl-C (SIGINT). Pass it to `run_until_stopped`.
 ///
