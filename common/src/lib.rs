@@ -1,7 +1,8 @@
 //! Plumbing shared by every service of the suite, and nothing service-specific.
 //!
 //! # Layout
-//! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies.
+//! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies,
+//!   and [`auth::bearer`], which reads them from `Authorization`.
 //! - [`config`]: what every service's clap `Settings` shares: the serving flags
 //!   ([`config::ServeSettings`]), duration, size and secret parsers, URL redaction.
 //! - [`telemetry`]: `tracing` setup, pretty for people or JSON lines for machines.
