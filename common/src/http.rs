@@ -5,6 +5,8 @@
 //! access-log line; [`time_limit`] and [`shed_load`] answer 503 problem+json for requests
 //! that run too long or arrive when too many are in flight. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
+//! Handlers read their input through [`json_object`] and [`JsonFields`] (bodies) and
+//! [`Page`] (list queries), so every service refuses bad input the same way.
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
@@ -28,6 +30,12 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::problem::Problem;
+
+pub mod json_fields;
+pub mod page;
+
+pub use json_fields::JsonFields;
+pub use page::{Page, PageSize};
 
 /// The request id header, read from clients and set on every response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

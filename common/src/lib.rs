@@ -11,7 +11,8 @@
 //! - [`problem`]: RFC 9457 `application/problem+json` errors.
 //! - [`http`]: the request-context middleware (request id, span, access log, timeout, load
 //!   shedding) and [`http::serve`], which runs a router until a shutdown future fires and a
-//!   grace period ends.
+//!   grace period ends; [`http::JsonFields`] and [`http::Page`] read request bodies and list
+//!   queries so a refusal names the field at fault.
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
 
 pub mod auth;
