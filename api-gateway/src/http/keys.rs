@@ -22,12 +22,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use self::new_key::{KeyName, KeyQuota, KeyRoles, owner_id};
 use super::{AppState, gateway};
 use crate::{
     audit::Event,
     authn::{Principal, new_api_key},
     store::{ApiKey, NewApiKey},
 };
+
+mod new_key;
 
 /// Longest key name.
 pub const MAX_NAME_CHARS: usize = 100;
@@ -242,103 +245,6 @@ async fn admin(
         return Err(refused);
     }
     Ok(claims)
-}
-
-/// A key's name: a label for people, 1 to [`MAX_NAME_CHARS`] characters, not blank, without
-/// control characters (it is shown in lists and logs).
-struct KeyName(String);
-
-impl KeyName {
-    fn parse(name: String) -> Result<Self, String> {
-        if name.trim().is_empty() {
-            Err("must not be empty".into())
-        } else if name.chars().count() > MAX_NAME_CHARS {
-            Err(format!("must be at most {MAX_NAME_CHARS} characters"))
-        } else if name.chars().any(char::is_control) {
-            Err("must not contain control characters".into())
-        } else {
-            Ok(Self(name))
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A key's roles: at most [`MAX_ROLES`], each 1 to 64 characters of `A-Z a-z 0-9 : . _ -`
-/// (they travel to upstreams comma-joined in `X-User-Roles`), duplicates dropped.
-#[derive(Default)]
-struct KeyRoles(Vec<String>);
-
-impl KeyRoles {
-    fn parse(value: Value) -> Result<Self, String> {
-        let Value::Array(items) = value else {
-            return Err("must be an array of strings".into());
-        };
-        if items.len() > MAX_ROLES {
-            return Err(format!("must have at most {MAX_ROLES} roles"));
-        }
-        let mut roles = Vec::with_capacity(items.len());
-        for item in items {
-            match item {
-                Value::String(role)
-                    if (1..=64).contains(&role.len())
-                        && role
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b)) =>
-                {
-                    if !roles.contains(&role) {
-                        roles.push(role);
-                    }
-                }
-                _ => return Err("each role is 1-64 characters of A-Z a-z 0-9 : . _ -".into()),
-            }
-        }
-        Ok(Self(roles))
-    }
-
-    fn as_slice(&self) -> &[String] {
-        &self.0
-    }
-}
-
-/// The user a key acts for.
-fn owner_id(value: Value) -> Result<Uuid, String> {
-    value
-        .as_str()
-        .and_then(|owner| owner.parse::<Uuid>().ok())
-        .ok_or_else(|| "must be a user id (UUID)".into())
-}
-
-/// A key's own quota, `{"limit": n, "window": "1m"}`: 1 to [`MAX_KEY_LIMIT`] requests per a
-/// window of 1 s to 1 d, one the limiter can enforce.
-struct KeyQuota(crate::limiter::Quota);
-
-impl KeyQuota {
-    fn parse(value: Value) -> Result<Self, String> {
-        let Value::Object(object) = value else {
-            return Err("must be an object {\"limit\": n, \"window\": \"1m\"}".into());
-        };
-        let count = object
-            .get("limit")
-            .and_then(Value::as_u64)
-            .filter(|n| (1..=MAX_KEY_LIMIT).contains(n))
-            .ok_or_else(|| format!("limit.limit must be 1 to {MAX_KEY_LIMIT}"))?;
-        let window = object
-            .get("window")
-            .and_then(Value::as_str)
-            .and_then(|w| common::config::parse_duration(w).ok())
-            .filter(|w| {
-                (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(86_400))
-                    .contains(w)
-            })
-            .ok_or("limit.window must be a duration from 1s to 1d, like \"1m\"")?;
-        if object.len() > 2 {
-            return Err("has fields other than limit and window".into());
-        }
-        crate::limiter::Quota::new(count as u32, window).map(Self)
-    }
 }
 
 fn describe(key: &ApiKey) -> Value {
