@@ -4,7 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use common::{config::parse_duration, telemetry::TelemetrySettings};
+use common::{
+    config::{ServeDefaults, ServeSettings, parse_duration, parse_secret},
+    telemetry::TelemetrySettings,
+};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::{limiter::RedisDownPolicy, tokens::TokenIssuer};
 
@@ -16,18 +20,18 @@ use crate::{limiter::RedisDownPolicy, tokens::TokenIssuer};
     about = "The suite's authenticating gateway"
 )]
 pub struct Settings {
-    /// Public address; port 0 picks a free port.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
+    /// The public listener, request time limits, shutdown.
+    #[command(flatten)]
+    pub serve: ServeSettings<Self>,
     /// Operations address: `/metrics` is served here only.
     #[arg(long, env = "ADMIN_LISTEN_ADDR", default_value = "127.0.0.1:9080")]
     pub admin_listen: SocketAddr,
     /// PostgreSQL: users, refresh tokens.
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub database_url: SecretString,
     /// Redis, shared by every replica for rate limits. Without it each replica limits alone.
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
     /// The route file: quotas, upstreams, RBAC rules (see `gateway.toml`). Default: the
     /// compiled-in `gateway.toml`.
     #[arg(long, env = "GATEWAY_CONFIG")]
@@ -73,8 +77,8 @@ pub struct Settings {
     #[arg(long, env = "JWT_ED25519_PRIVATE_KEY_FILE")]
     pub jwt_ed25519_private_key_file: Option<PathBuf>,
     /// A shared HS256 secret instead (≥ 32 bytes): local development only.
-    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
-    pub jwt_hs256_secret: Option<String>,
+    #[arg(long, env = "JWT_HS256_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_hs256_secret: Option<SecretString>,
     /// The `kid` the signing key is published under.
     #[arg(long, env = "JWT_KEY_ID", default_value = "gateway-1")]
     pub jwt_key_id: String,
@@ -100,8 +104,8 @@ pub struct Settings {
     #[arg(long, env = "BOOTSTRAP_ADMIN_USERNAME")]
     pub bootstrap_admin_username: Option<String>,
     /// The bootstrap admin's password.
-    #[arg(long, env = "BOOTSTRAP_ADMIN_PASSWORD", hide_env_values = true)]
-    pub bootstrap_admin_password: Option<String>,
+    #[arg(long, env = "BOOTSTRAP_ADMIN_PASSWORD", value_parser = parse_secret, hide_env_values = true)]
+    pub bootstrap_admin_password: Option<SecretString>,
     /// Largest request body the gateway itself reads.
     #[arg(long, env = "MAX_BODY_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
     pub max_body_bytes: usize,
@@ -109,19 +113,16 @@ pub struct Settings {
     /// (past twice this, a bare 431 from the HTTP layer).
     #[arg(long, env = "MAX_HEADER_BYTES", default_value = "16KiB", value_parser = common::config::parse_bytes)]
     pub max_header_bytes: usize,
-    /// Longest a request may run.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// How long a client may take to send a request's head.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub header_read_timeout: Duration,
-    /// How long a shutdown takes at most: requests in flight get all but a fifth of it (at
-    /// most 2 s kept), the audit queue's flush the rest; requests still running are dropped.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
     /// Logging.
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+}
+
+/// The suite's port plan gives the gateway 8080. Its grace is longer than the others': the
+/// last part of it is kept for flushing the audit queue (see `startup::drain_and_flush`).
+impl ServeDefaults for Settings {
+    const LISTEN_ADDR: &'static str = "127.0.0.1:8080";
+    const SHUTDOWN_GRACE: &'static str = "10s";
 }
 
 impl Settings {
@@ -145,7 +146,7 @@ impl Settings {
                 );
                 TokenIssuer::hs256(
                     &self.jwt_key_id,
-                    secret.as_bytes(),
+                    secret.expose_secret().as_bytes(),
                     &self.jwt_issuer,
                     &self.jwt_audience,
                     self.access_token_ttl,
@@ -198,6 +199,53 @@ mod tests {
     fn with(args: &[&str]) -> Result<Settings, clap::Error> {
         let base = ["api-gateway", "--database-url", "postgres://x/y"];
         Settings::try_parse_from(base.iter().chain(args))
+    }
+
+    #[test]
+    fn every_setting_is_a_flag_listed_by_help_and_the_port_is_the_services() {
+        use clap::CommandFactory;
+        Settings::command().debug_assert();
+        let settings = with(&[]).unwrap();
+        assert_eq!(settings.serve.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(settings.serve.shutdown_grace, Duration::from_secs(10));
+        let help = Settings::command().render_long_help().to_string();
+        for variable in [
+            "LISTEN_ADDR",
+            "ADMIN_LISTEN_ADDR",
+            "SHUTDOWN_GRACE",
+            "DATABASE_URL",
+        ] {
+            assert!(help.contains(variable), "{variable} missing from --help");
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let settings = Settings::try_parse_from([
+            "api-gateway",
+            "--database-url",
+            "postgres://app:pg-password@db/gateway",
+            "--redis-url",
+            "redis://:redis-password@cache:6379",
+            "--jwt-hs256-secret",
+            "a-shared-secret-of-at-least-32-bytes",
+            "--bootstrap-admin-username",
+            "root",
+            "--bootstrap-admin-password",
+            "the-admin-password",
+        ])
+        .unwrap();
+        let printed = format!("{settings:?}");
+        for secret in [
+            "pg-password",
+            "redis-password",
+            "a-shared-secret",
+            "the-admin-password",
+        ] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        let password = settings.bootstrap_admin_password.as_ref().unwrap();
+        assert_eq!(password.expose_secret(), "the-admin-password");
     }
 
     #[test]

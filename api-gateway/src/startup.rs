@@ -1,15 +1,12 @@
 //! Building and running the gateway: read the route file, connect PostgreSQL and Redis,
 //! bootstrap, bind both listeners, serve, stop (drain, close tunnels, flush the audit queue).
 
-use std::{
-    future::Future,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use common::{http::ServeSettings, shutdown::Background};
+use common::{http::ServeOptions, shutdown::Background};
 use prometheus_client::registry::Registry;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -59,12 +56,16 @@ impl Application {
                     .with_context(|| format!("upstream {}", u.name))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let store = Store::connect(&settings.database_url, settings.database_pool_size).await?;
+        let store = Store::connect(
+            settings.database_url.expose_secret(),
+            settings.database_pool_size,
+        )
+        .await?;
         if let (Some(username), Some(password)) = (
             &settings.bootstrap_admin_username,
             &settings.bootstrap_admin_password,
         ) {
-            let hash = passwords::hash(password);
+            let hash = passwords::hash(password.expose_secret());
             if store
                 .create_user(username, &hash, &["admin".to_owned()])
                 .await?
@@ -73,16 +74,19 @@ impl Application {
                 tracing::info!(%username, "bootstrap admin created");
             }
         }
-        let listener = TcpListener::bind(settings.listen)
+        let listener = TcpListener::bind(settings.serve.listen)
             .await
-            .with_context(|| format!("failed to bind {}", settings.listen))?;
+            .with_context(|| format!("failed to bind {}", settings.serve.listen))?;
         let admin_listener = TcpListener::bind(settings.admin_listen)
             .await
             .with_context(|| format!("failed to bind {}", settings.admin_listen))?;
         let mut registry = Registry::with_prefix("api_gateway");
         let limiter = Limiter::new(
             LimiterSettings {
-                redis_url: settings.redis_url.clone(),
+                redis_url: settings
+                    .redis_url
+                    .as_ref()
+                    .map(|url| url.expose_secret().to_owned()),
                 key_prefix: settings.rate_limit_prefix.clone(),
                 redis_timeout: settings.rate_limit_redis_timeout,
                 down_policy: settings.rate_limit_redis_down,
@@ -98,7 +102,7 @@ impl Application {
         let keys = Arc::new(KeyCache::new(settings.api_key_cache_ttl, 100_000));
         let revocations = match &settings.redis_url {
             Some(url) => Some(Arc::new(Revocations::new(
-                url,
+                url.expose_secret(),
                 &settings.rate_limit_prefix,
                 Arc::clone(&keys),
                 &mut registry,
@@ -121,7 +125,7 @@ impl Application {
                     refresh_token_ttl: settings.refresh_token_ttl,
                     refresh_race_grace: settings.refresh_race_grace,
                     max_body_bytes: settings.max_body_bytes,
-                    request_timeout: settings.request_timeout,
+                    request_timeout: settings.serve.request_timeout,
                     cors_allowed_origins: settings.cors_allowed_origins.clone(),
                     trusted_proxies: TrustedProxies::new(settings.trusted_proxies.clone()),
                 },
@@ -152,8 +156,8 @@ impl Application {
             .unwrap_or(0)
     }
 
-    /// Serves until `shutdown`, then stops within SHUTDOWN_GRACE: requests in flight get most
-    /// of it ([`drain_and_flush`]), and the audit queue is flushed in the rest.
+    /// Serves until `shutdown`, then (once SHUTDOWN_READINESS_DELAY has passed with readiness
+    /// failing) stops within SHUTDOWN_GRACE: requests in flight get most of it ([`drain_and_flush`]), and the audit queue is flushed in the rest.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -161,13 +165,13 @@ impl Application {
         let address = self.listener.local_addr()?;
         let admin_address = self.admin_listener.local_addr()?;
         tracing::info!(addr = %address, admin = %admin_address, "listening");
-        let (drain, flush) = drain_and_flush(self.settings.shutdown_grace);
-        let serve_settings = ServeSettings {
+        let (drain, flush) = drain_and_flush(self.settings.serve.shutdown_grace);
+        let serve_options = ServeOptions {
             grace: drain,
-            header_read_timeout: self.settings.header_read_timeout,
             max_header_bytes: Some(crate::http::hyper_head_limit(
                 self.settings.max_header_bytes,
             )),
+            ..self.settings.serve.serve_options()
         };
         // Background work, by the moment it stops: as the shutdown starts, the admin server
         // and the proxy's health checks and WebSocket tunnels (tunnels never end by
@@ -186,9 +190,9 @@ impl Application {
         });
         let (admin_listener, admin) = (self.admin_listener, admin_router(self.state.clone()));
         // The admin router does not measure heads itself: hyper's bound is the setting.
-        let admin_settings = ServeSettings {
+        let admin_settings = ServeOptions {
             max_header_bytes: Some(self.settings.max_header_bytes),
-            ..serve_settings
+            ..serve_options
         };
         at_shutdown.spawn(|stop| async move {
             let served = common::http::serve(
@@ -209,9 +213,10 @@ impl Application {
         let ready = self.state.readiness();
         let shutdown = {
             let at_shutdown = at_shutdown.clone();
+            let readiness_delay = self.settings.serve.shutdown_readiness_delay;
             async move {
                 shutdown.await;
-                ready.store(false, Ordering::Release);
+                common::shutdown::withdraw_readiness(&ready, readiness_delay).await;
                 at_shutdown.cancel();
             }
         };
@@ -219,7 +224,7 @@ impl Application {
             self.listener,
             PublicService::new(self.state, self.settings.max_header_bytes),
             shutdown,
-            serve_settings,
+            serve_options,
         )
         .await;
         // Whether serving ended well or not, the background work stops, in that order, before

@@ -9,9 +9,13 @@
 //!
 //! Keys come from PEM files or from the gateway's JWKS (`/.well-known/jwks.json`), where each
 //! key must state its `alg`. HS256 exists for local development only.
+//!
+//! Tokens arrive as `Authorization: Bearer <token>`; [`bearer`] reads that header the same
+//! way in every service.
 
 use std::{collections::HashMap, fmt, time::Duration};
 
+use axum::http::{HeaderMap, HeaderValue, header};
 use base64::Engine as _;
 use jsonwebtoken::{
     DecodingKey, EncodingKey, Header, Validation,
@@ -418,5 +422,82 @@ impl Signer {
         let mut header = Header::new(self.algorithm.to_jwt());
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| invalid(&self.kid, e))
+    }
+}
+
+/// The token of the request's `Authorization: Bearer <token>` header; `None` when the header
+/// is absent or is not a bearer token. See [`bearer_token`].
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    bearer_token(headers.get(header::AUTHORIZATION)?)
+}
+
+/// The token of one `Authorization` value, or `None` when the value is not `Bearer <token>`.
+/// The scheme is matched case-insensitively (RFC 9110 §11.1: `bearer` and `BEARER` are
+/// `Bearer`), spaces around the token are ignored, and a value that is not visible ASCII, has
+/// another scheme, or has no token at all is not a bearer token. Whether the token is valid
+/// is the verifier's business.
+pub fn bearer_token(value: &HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token_of(value: &[u8]) -> Option<String> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_bytes(value).unwrap(),
+        );
+        bearer(&headers).map(str::to_owned)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR abc"] {
+            assert_eq!(
+                token_of(value.as_bytes()).as_deref(),
+                Some("abc"),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn spaces_around_the_token_are_ignored() {
+        assert_eq!(token_of(b"Bearer    abc").as_deref(), Some("abc"));
+        assert_eq!(token_of(b"Bearer abc   ").as_deref(), Some("abc"));
+        assert_eq!(token_of(b"Bearer \tabc").as_deref(), Some("abc"));
+    }
+
+    #[test]
+    fn a_value_without_a_token_is_not_a_bearer_token() {
+        for value in ["Bearer", "Bearer ", "Bearer    ", "bearer"] {
+            assert_eq!(token_of(value.as_bytes()), None, "{value:?}");
+        }
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn other_schemes_and_lookalikes_are_refused() {
+        for value in [
+            "Basic dXNlcjpwYXNz",
+            "Token abc",
+            "Bearerabc",
+            "Bearer-x abc",
+            "abc",
+        ] {
+            assert_eq!(token_of(value.as_bytes()), None, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn a_header_that_is_not_visible_ascii_is_refused() {
+        assert_eq!(token_of("Bearer tökén".as_bytes()), None);
+        assert_eq!(token_of(b"Bearer \xff\xfe"), None);
     }
 }

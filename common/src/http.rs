@@ -5,6 +5,8 @@
 //! access-log line; [`time_limit`] and [`shed_load`] answer 503 problem+json for requests
 //! that run too long or arrive when too many are in flight. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
+//! Handlers read their input through [`json_object`] and [`JsonFields`] (bodies) and
+//! [`Page`] (list queries), so every service refuses bad input the same way.
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 
@@ -28,6 +30,12 @@ use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use crate::problem::Problem;
+
+pub mod json_fields;
+pub mod page;
+
+pub use json_fields::JsonFields;
+pub use page::{Page, PageSize};
 
 /// The request id header, read from clients and set on every response.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -180,9 +188,10 @@ pub async fn shed_load(
 /// (each ends at its next poll, which dropping them schedules).
 pub const DROP_WAIT: Duration = Duration::from_millis(100);
 
-/// How [`serve`] treats connections.
+/// How [`serve`] treats connections; [`crate::config::ServeSettings::serve_options`] makes one
+/// from a service's flags.
 #[derive(Clone, Copy, Debug)]
-pub struct ServeSettings {
+pub struct ServeOptions {
     /// Once shutdown starts, how long requests in flight may take to finish.
     pub grace: Duration,
     /// A client must send a request's whole head within this long, from the moment its
@@ -212,7 +221,7 @@ pub async fn serve<S>(
     listener: TcpListener,
     service: S,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    settings: ServeSettings,
+    settings: ServeOptions,
 ) -> std::io::Result<bool>
 where
     S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,

@@ -1,14 +1,18 @@
 //! Plumbing shared by every service of the suite, and nothing service-specific.
 //!
 //! # Layout
-//! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies.
-//! - [`config`]: clap helpers every service's `Settings` reuses (durations, byte sizes, log format).
+//! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies,
+//!   and [`auth::bearer`], which reads them from `Authorization`.
+//! - [`config`]: what every service's clap `Settings` shares: the serving flags
+//!   ([`config::ServeSettings`]), duration, size and secret parsers, URL redaction.
 //! - [`telemetry`]: `tracing` setup, pretty for people or JSON lines for machines.
-//! - [`shutdown`]: the SIGTERM / Ctrl-C future that starts a graceful shutdown.
+//! - [`shutdown`]: the SIGTERM / Ctrl-C future that starts a graceful shutdown, and the
+//!   readiness withdrawal that comes first.
 //! - [`problem`]: RFC 9457 `application/problem+json` errors.
 //! - [`http`]: the request-context middleware (request id, span, access log, timeout, load
 //!   shedding) and [`http::serve`], which runs a router until a shutdown future fires and a
-//!   grace period ends.
+//!   grace period ends; [`http::JsonFields`] and [`http::Page`] read request bodies and list
+//!   queries so a refusal names the field at fault.
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
 
 pub mod auth;

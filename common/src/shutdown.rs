@@ -1,9 +1,25 @@
-//! The future that starts a graceful shutdown: SIGTERM (what orchestrators send) or Ctrl-C;
-//! and [`Background`], the tasks of a service that stop together at one moment of it.
+//! The future that starts a graceful shutdown (SIGTERM, what orchestrators send, or Ctrl-C),
+//! the first step every service takes once it fires (leaving the balancers' rotation), and
+//! [`Background`], the tasks of a service that stop together at one moment of it.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Clears `ready` (what `/readyz` reports), then keeps the service serving for `delay`
+/// (SHUTDOWN_READINESS_DELAY) so load balancers see `/readyz` fail and stop sending before
+/// the listener closes. Await it in the shutdown future, before anything stops.
+pub async fn withdraw_readiness(ready: &AtomicBool, delay: Duration) {
+    ready.store(false, Ordering::Release);
+    if !delay.is_zero() {
+        tracing::info!(readiness_delay = ?delay, "shutdown started: not ready, still serving");
+        tokio::time::sleep(delay).await;
+    }
+}
 
 /// Completes on the first SIGTERM or Ctrl-C (SIGINT). Pass it to `run_until_stopped`.
 ///

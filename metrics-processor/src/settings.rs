@@ -1,10 +1,10 @@
 //! Every setting of the service, as a flag with an environment variable (`--help` lists them).
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use clap::Parser;
 use common::{
-    config::{parse_bytes, parse_duration},
+    config::{ServeDefaults, ServeSettings, parse_bytes, parse_duration},
     telemetry::TelemetrySettings,
 };
 
@@ -18,9 +18,9 @@ use crate::{http::HttpLimits, processor::ProcessorConfig};
     about = "Real-time metrics aggregation over HTTP"
 )]
 pub struct Settings {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
-    pub listen: SocketAddr,
+    /// Listening, request time limits, shutdown.
+    #[command(flatten)]
+    pub serve: ServeSettings<Self>,
     /// Minutes of data kept and queryable.
     #[arg(long, env = "RETENTION_MINUTES", default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=1440))]
     pub retention_minutes: u32,
@@ -49,21 +49,6 @@ pub struct Settings {
     /// MAX_BATCH_BYTES of body plus its parsed events, so this bounds their memory.
     #[arg(long, env = "MAX_BATCHES_IN_FLIGHT", default_value_t = 8)]
     pub max_batches_in_flight: usize,
-    /// Longest a request may run before it is answered with 503.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// How long a client may take to send a request's head before its connection is closed;
-    /// also how long a keep-alive connection may sit idle between requests.
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub header_read_timeout: Duration,
-    /// Once shutdown starts, how long to keep serving with /readyz failing before the
-    /// listener closes, so load balancers stop sending first. 0 closes at once; the exit then
-    /// takes up to this plus SHUTDOWN_GRACE.
-    #[arg(long, env = "SHUTDOWN_READINESS_DELAY", default_value = "0s", value_parser = parse_duration)]
-    pub shutdown_readiness_delay: Duration,
-    /// How long a shutdown waits for in-flight requests before closing them.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
     /// How often minutes that left the window are freed and the full window's cache is
     /// re-warmed (it is also re-warmed just after every minute boundary).
     #[arg(long, env = "EVICT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -71,6 +56,11 @@ pub struct Settings {
     /// Logging.
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+}
+
+/// The suite's port plan gives the metrics processor 8081.
+impl ServeDefaults for Settings {
+    const LISTEN_ADDR: &'static str = "127.0.0.1:8081";
 }
 
 impl Settings {
@@ -92,12 +82,36 @@ impl Settings {
             max_batch_events: self.max_batch_events,
             max_in_flight: self.max_in_flight,
             max_batches_in_flight: self.max_batches_in_flight,
-            request_timeout: self.request_timeout,
+            request_timeout: self.serve.request_timeout,
         }
     }
 
     /// Defaults with `--listen 127.0.0.1:0`, for tests and the load test.
     pub fn for_tests() -> Self {
         Self::parse_from(["metrics-processor", "--listen", "127.0.0.1:0"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_is_a_flag_listed_by_help_and_the_port_is_the_services() {
+        Settings::command().debug_assert();
+        let settings = Settings::try_parse_from(["metrics-processor"]).unwrap();
+        assert_eq!(settings.serve.listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(settings.serve.shutdown_grace, Duration::from_secs(5));
+        let help = Settings::command().render_long_help().to_string();
+        for variable in [
+            "LISTEN_ADDR",
+            "REQUEST_TIMEOUT",
+            "SHUTDOWN_GRACE",
+            "LOG_FORMAT",
+        ] {
+            assert!(help.contains(variable), "{variable} missing from --help");
+        }
     }
 }

@@ -1,13 +1,8 @@
 //! Building and running the service: bind, serve, sweep, stop.
 
-use std::{
-    future::Future,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use common::http::ServeSettings;
 use tokio::net::TcpListener;
 
 use crate::{
@@ -29,9 +24,9 @@ impl Application {
     /// Binds the listener and builds the processor on the wall clock.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let processor = Arc::new(MetricsProcessor::new(settings.processor_config()));
-        let listener = TcpListener::bind(settings.listen)
+        let listener = TcpListener::bind(settings.serve.listen)
             .await
-            .with_context(|| format!("failed to bind {}", settings.listen))?;
+            .with_context(|| format!("failed to bind {}", settings.serve.listen))?;
         let port = listener
             .local_addr()
             .context("failed to read the bound address")?
@@ -74,28 +69,16 @@ impl Application {
         ));
 
         let ready = self.state.readiness();
-        let readiness_delay = self.settings.shutdown_readiness_delay;
+        let readiness_delay = self.settings.serve.shutdown_readiness_delay;
         let shutdown = async move {
             shutdown.await;
-            ready.store(false, Ordering::Release);
-            if !readiness_delay.is_zero() {
-                // Keep serving while balancers see /readyz fail and stop sending.
-                tracing::info!(
-                    ?readiness_delay,
-                    "shutdown started: not ready, still serving"
-                );
-                tokio::time::sleep(readiness_delay).await;
-            }
+            common::shutdown::withdraw_readiness(&ready, readiness_delay).await;
             tracing::info!("no new connections, draining in-flight requests");
         };
         let started = std::time::Instant::now();
-        let serve_settings = ServeSettings {
-            grace: self.settings.shutdown_grace,
-            header_read_timeout: self.settings.header_read_timeout,
-            max_header_bytes: None,
-        };
+        let serve_options = self.settings.serve.serve_options();
         let drained =
-            common::http::serve(self.listener, router(self.state), shutdown, serve_settings)
+            common::http::serve(self.listener, router(self.state), shutdown, serve_options)
                 .await
                 .context("server failed")?;
         sweeper.abort();

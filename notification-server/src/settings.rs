@@ -1,14 +1,15 @@
 //! Every setting of the service, as a flag with an environment variable (`--help` lists them).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use common::{
     auth::{KeySet, Verifier},
-    config::{parse_bytes, parse_duration},
+    config::{ServeDefaults, ServeSettings, parse_bytes, parse_duration, parse_secret},
     telemetry::TelemetrySettings,
 };
+use secrecy::{ExposeSecret, SecretString};
 
 /// Settings of the notification-server.
 #[derive(Debug, Clone, Parser)]
@@ -18,18 +19,18 @@ use common::{
     about = "Real-time notifications over WebSocket, with history and cross-node fan-out"
 )]
 pub struct Settings {
-    /// Address to listen on; port 0 picks a free port.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8082")]
-    pub listen: SocketAddr,
+    /// Listening, request time limits, shutdown.
+    #[command(flatten)]
+    pub serve: ServeSettings<Self>,
     /// PostgreSQL for history and membership. Unset: the memory engine (one node, not durable).
-    #[arg(long, env = "DATABASE_URL")]
-    pub database_url: Option<String>,
+    #[arg(long, env = "DATABASE_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub database_url: Option<SecretString>,
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "DATABASE_POOL_SIZE", default_value_t = 16)]
     pub database_pool_size: u32,
     /// Redis for cross-node fan-out. Unset: this node is the only one.
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
     /// Prefix of this deployment's Redis keys and channels.
     #[arg(long, env = "REDIS_PREFIX", default_value = "notify:")]
     pub redis_prefix: String,
@@ -43,8 +44,8 @@ pub struct Settings {
     #[arg(long, env = "JWT_RSA_PUBLIC_KEY_FILE")]
     pub jwt_rsa_public_key_file: Option<PathBuf>,
     /// A shared HS256 secret (at least 32 bytes), under JWT_KEY_ID. For local development only.
-    #[arg(long, env = "JWT_HS256_SECRET", hide_env_values = true)]
-    pub jwt_hs256_secret: Option<String>,
+    #[arg(long, env = "JWT_HS256_SECRET", value_parser = parse_secret, hide_env_values = true)]
+    pub jwt_hs256_secret: Option<SecretString>,
     /// The `kid` of the key given by a *_KEY_FILE or JWT_HS256_SECRET setting.
     #[arg(long, env = "JWT_KEY_ID", default_value = "default")]
     pub jwt_key_id: String,
@@ -94,18 +95,14 @@ pub struct Settings {
     /// HTTP requests handled at once; past it the service answers 503 with Retry-After.
     #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
-    /// Longest an HTTP request may run before it is answered with 503.
-    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub request_timeout: Duration,
-    /// How long a client may take to send a request's head (and idle between requests).
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub header_read_timeout: Duration,
-    /// How long a shutdown waits for requests and connections to close.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
     /// Logging.
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
+}
+
+/// The suite's port plan gives the notification server 8082.
+impl ServeDefaults for Settings {
+    const LISTEN_ADDR: &'static str = "127.0.0.1:8082";
 }
 
 impl Settings {
@@ -135,7 +132,7 @@ impl Settings {
         }
         if let Some(secret) = &self.jwt_hs256_secret {
             tracing::warn!("JWT_HS256_SECRET set: shared-secret tokens are for development only");
-            keys.insert_hs256_secret(kid, secret.as_bytes())
+            keys.insert_hs256_secret(kid, secret.expose_secret().as_bytes())
                 .context("invalid JWT_HS256_SECRET")?;
         }
         anyhow::ensure!(
@@ -167,5 +164,49 @@ impl Settings {
         settings.jwt_rsa_public_key_file = None;
         settings.jwt_hs256_secret = None;
         settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn every_setting_is_a_flag_listed_by_help_and_the_port_is_the_services() {
+        Settings::command().debug_assert();
+        let settings = Settings::try_parse_from(["notification-server"]).unwrap();
+        assert_eq!(settings.serve.listen, "127.0.0.1:8082".parse().unwrap());
+        assert_eq!(settings.serve.shutdown_grace, Duration::from_secs(5));
+        let help = Settings::command().render_long_help().to_string();
+        for variable in [
+            "LISTEN_ADDR",
+            "HEADER_READ_TIMEOUT",
+            "DATABASE_URL",
+            "REDIS_URL",
+        ] {
+            assert!(help.contains(variable), "{variable} missing from --help");
+        }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let settings = Settings::try_parse_from([
+            "notification-server",
+            "--database-url",
+            "postgres://app:pg-password@db/notify",
+            "--redis-url",
+            "redis://:redis-password@cache:6379",
+            "--jwt-hs256-secret",
+            "a-shared-secret-of-at-least-32-bytes",
+        ])
+        .unwrap();
+        let printed = format!("{settings:?}");
+        for secret in ["pg-password", "redis-password", "a-shared-secret"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        let url = settings.database_url.as_ref().unwrap();
+        assert_eq!(url.expose_secret(), "postgres://app:pg-password@db/notify");
     }
 }

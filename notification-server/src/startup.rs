@@ -1,15 +1,12 @@
 //! Building and running the service: connect the backends, bind, serve, stop.
 
-use std::{
-    future::Future,
-    sync::{Arc, atomic::Ordering},
-    time::Instant,
-};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use anyhow::Context;
-use common::http::ServeSettings;
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, task::JoinHandle};
+
+use secrecy::ExposeSecret;
 
 use crate::{
     fanout::RedisFanout,
@@ -39,7 +36,9 @@ impl Application {
         let metrics = Metrics::register(&mut registry);
 
         let store = match &settings.database_url {
-            Some(url) => Store::Postgres(PgStore::connect(url, settings.database_pool_size).await?),
+            Some(url) => Store::Postgres(
+                PgStore::connect(url.expose_secret(), settings.database_pool_size).await?,
+            ),
             None => {
                 tracing::warn!(
                     per_user = settings.memory_history_per_user,
@@ -55,7 +54,8 @@ impl Application {
                     matches!(store, Store::Postgres(_)),
                     "REDIS_URL needs DATABASE_URL: nodes must share history for recovery to work"
                 );
-                let fanout = RedisFanout::connect(url, &settings.redis_prefix).await?;
+                let fanout =
+                    RedisFanout::connect(url.expose_secret(), &settings.redis_prefix).await?;
                 let task = fanout.start(Arc::clone(&hub), metrics.clone()).await?;
                 (Some(fanout), Some(task))
             }
@@ -77,9 +77,9 @@ impl Application {
             settings.max_recipients,
         ));
 
-        let listener = TcpListener::bind(settings.listen)
+        let listener = TcpListener::bind(settings.serve.listen)
             .await
-            .with_context(|| format!("failed to bind {}", settings.listen))?;
+            .with_context(|| format!("failed to bind {}", settings.serve.listen))?;
         let port = listener
             .local_addr()
             .context("failed to read the bound address")?
@@ -112,8 +112,8 @@ impl Application {
         Arc::clone(&self.notifier)
     }
 
-    /// Serves until `shutdown` completes. Then: readiness fails, the listener closes, every
-    /// WebSocket gets close 1001, requests in flight finish (their notifications are
+    /// Serves until `shutdown` completes. Then: readiness fails (and the service keeps serving
+    /// for SHUTDOWN_READINESS_DELAY), the listener closes, every WebSocket gets close 1001, requests in flight finish (their notifications are
     /// persisted before they are answered), and all of it within SHUTDOWN_GRACE.
     pub async fn run_until_stopped(
         self,
@@ -129,24 +129,21 @@ impl Application {
         let connections = self.state.connections();
         let hub = Arc::clone(self.notifier.hub());
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let readiness_delay = self.settings.serve.shutdown_readiness_delay;
         let shutdown = async move {
             shutdown.await;
+            common::shutdown::withdraw_readiness(&ready, readiness_delay).await;
             let _ = started_tx.send(Instant::now());
-            ready.store(false, Ordering::Release);
             tracing::info!(
                 connections = hub.connections(),
                 "shutting down: closing WebSockets with 1001, draining requests"
             );
             hub.shut_down();
         };
-        let grace = self.settings.shutdown_grace;
-        let serve_settings = ServeSettings {
-            grace,
-            header_read_timeout: self.settings.header_read_timeout,
-            max_header_bytes: None,
-        };
+        let serve_options = self.settings.serve.serve_options();
+        let grace = serve_options.grace;
         let drained =
-            common::http::serve(self.listener, router(self.state), shutdown, serve_settings)
+            common::http::serve(self.listener, router(self.state), shutdown, serve_options)
                 .await
                 .context("server failed")?;
 
@@ -193,7 +190,7 @@ impl Settings {
         HttpLimits {
             max_body_bytes: self.max_body_bytes,
             max_in_flight: self.max_in_flight,
-            request_timeout: self.request_timeout,
+            request_timeout: self.serve.request_timeout,
         }
     }
 }

@@ -126,8 +126,8 @@ impl Node {
     /// that stopped, so a refused bind is retried for a moment.
     async fn start(database_url: &str, port: u16) -> Self {
         let mut settings = Settings::for_tests();
-        settings.database_url = Some(database_url.into());
-        settings.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        settings.database_url = Some(database_url.to_owned().into());
+        settings.serve.listen = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = Instant::now() + Duration::from_secs(5);
         let application = loop {
             match Application::build(settings.clone()).await {

@@ -8,14 +8,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Verifies the api-gateway's audit chain.
 #[derive(Debug, Parser)]
 #[command(name = "audit-verify", version)]
 struct Args {
     /// The gateway's PostgreSQL.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
+    #[arg(long, env = "DATABASE_URL", value_parser = common::config::parse_secret, hide_env_values = true)]
+    database_url: SecretString,
     /// A head hash recorded earlier: the chain must still end there or have grown past it.
     #[arg(long)]
     expect_head: Option<String>,
@@ -26,14 +27,14 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let pool = match sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&args.database_url)
+        .connect(args.database_url.expose_secret())
         .await
     {
         Ok(pool) => pool,
         Err(error) => {
             eprintln!(
                 "cannot connect to {}: {error}",
-                common::config::redact_url(&args.database_url)
+                common::config::redact_url(args.database_url.expose_secret())
             );
             return ExitCode::from(2);
         }

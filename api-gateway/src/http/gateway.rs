@@ -133,14 +133,7 @@ impl AppState {
         match (bearer, key) {
             (Some(_), Some(_)) => Err(Refusal::Unauthenticated(AuthnError::Both)),
             (Some(value), None) => {
-                let token = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| {
-                        v.strip_prefix("Bearer ")
-                            .or_else(|| v.strip_prefix("bearer "))
-                    })
-                    .map(str::trim)
+                let token = common::auth::bearer_token(value)
                     .ok_or(Refusal::Unauthenticated(AuthnError::Scheme))?;
                 self.verify_user_token(token, now)
             }
@@ -161,10 +154,7 @@ impl AppState {
                 }
             }
             (None, None) => {
-                let upgrade = headers
-                    .get(header::UPGRADE)
-                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-                let token = upgrade
+                let token = crate::proxy::is_websocket_upgrade(headers)
                     .then(|| query_token(query?))
                     .flatten()
                     .ok_or(Refusal::Unauthenticated(AuthnError::Missing))?;

@@ -13,11 +13,16 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use common::{auth::Claims, http::json_object, problem::Problem};
+use common::{
+    auth::Claims,
+    http::{JsonFields, Page, PageSize, json_fields::string, json_object},
+    problem::Problem,
+};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
+use self::new_key::{KeyName, KeyQuota, KeyRoles, owner_id};
 use super::{AppState, gateway};
 use crate::{
     audit::Event,
@@ -25,12 +30,19 @@ use crate::{
     store::{ApiKey, NewApiKey},
 };
 
+mod new_key;
+
 /// Longest key name.
 pub const MAX_NAME_CHARS: usize = 100;
 /// Most roles on one key.
 pub const MAX_ROLES: usize = 32;
 /// Largest quota a key may be given, per window.
 pub const MAX_KEY_LIMIT: u64 = 10_000_000;
+/// Page sizes of the key list.
+const PAGE_SIZE: PageSize = PageSize {
+    default: 50,
+    max: 100,
+};
 
 /// `POST /admin/api-keys`: `{"name", "roles"?, "owner"?, "limit"?: {"limit", "window"}}` →
 /// 201 with the key (shown this once).
@@ -57,45 +69,20 @@ async fn create_key(
     admin: &Claims,
     ip: Option<std::net::IpAddr>,
 ) -> Result<Response, Problem> {
-    let mut object = json_object(headers, body)?;
-    let name = match object.remove("name") {
-        Some(Value::String(name)) if name.trim().is_empty() => {
-            return Err(Problem::invalid_field("name", "must not be empty"));
-        }
-        Some(Value::String(name)) if name.chars().count() > MAX_NAME_CHARS => {
-            return Err(Problem::invalid_field(
-                "name",
-                format!("must be at most {MAX_NAME_CHARS} characters"),
-            ));
-        }
-        Some(Value::String(name)) if name.chars().any(char::is_control) => {
-            return Err(Problem::invalid_field(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        Some(Value::String(name)) => name,
-        Some(_) => return Err(Problem::invalid_field("name", "must be a string")),
-        None => return Err(Problem::invalid_field("name", "is required")),
-    };
-    let roles = roles(object.remove("roles"))?;
-    let owner = match object.remove("owner") {
-        None | Some(Value::Null) => admin
+    let mut fields = JsonFields::from(json_object(headers, body)?);
+    let name = fields.required("name", |value| KeyName::parse(string(value)?))?;
+    let roles = fields
+        .optional("roles", KeyRoles::parse)?
+        .unwrap_or_default();
+    let owner = match fields.nullable("owner", owner_id)? {
+        Some(owner) => owner,
+        None => admin
             .sub
             .parse::<Uuid>()
             .map_err(|_| Problem::invalid_field("owner", "is required for this caller"))?,
-        Some(Value::String(owner)) => owner
-            .parse::<Uuid>()
-            .map_err(|_| Problem::invalid_field("owner", "must be a user id (UUID)"))?,
-        Some(_) => return Err(Problem::invalid_field("owner", "must be a user id (UUID)")),
     };
-    let limit = limit(object.remove("limit"))?;
-    if let Some(unknown) = object.keys().next() {
-        return Err(Problem::invalid_field(
-            unknown,
-            "is not a field of this request",
-        ));
-    }
+    let quota = fields.nullable("limit", KeyQuota::parse)?;
+    fields.finish("this request")?;
     if !state
         .store
         .user_exists(owner)
@@ -118,10 +105,10 @@ async fn create_key(
         .create_api_key(NewApiKey {
             hash: &hash,
             prefix,
-            name: &name,
+            name: name.as_str(),
             owner_id: owner,
-            roles: &roles,
-            limit,
+            roles: roles.as_slice(),
+            limit: quota.map(|quota| (quota.0.limit, quota.0.window)),
             created_by,
         })
         .await
@@ -141,9 +128,9 @@ async fn create_key(
     Ok(response)
 }
 
-/// `?limit=&cursor=` of the list.
+/// `?limit=&cursor=` of the list, as sent.
 #[derive(Debug, Deserialize)]
-pub struct Page {
+pub struct PageQuery {
     limit: Option<String>,
     cursor: Option<String>,
 }
@@ -152,7 +139,7 @@ pub struct Page {
 pub async fn list(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let ip = Some(state.client_ip(peer, &headers));
@@ -160,22 +147,18 @@ pub async fn list(
         return response;
     }
     let result = async {
-        let Query(page) = query.map_err(|_| Problem::malformed("the query string is malformed"))?;
-        let limit = match page.limit.as_deref() {
-            None => 50,
-            Some(text) => text
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (1..=100).contains(n))
-                .ok_or_else(|| Problem::invalid_field("limit", "must be 1 to 100"))?,
-        };
-        let after =
-            match page.cursor.as_deref() {
-                None => None,
-                Some(text) => Some(text.parse::<Uuid>().map_err(|_| {
-                    Problem::invalid_field("cursor", "is not a cursor from this list")
-                })?),
-            };
+        let Query(query) =
+            query.map_err(|_| Problem::malformed("the query string is malformed"))?;
+        let page = Page::parse(
+            query.limit.as_deref(),
+            query.cursor.as_deref(),
+            PAGE_SIZE,
+            |text| {
+                text.parse::<Uuid>()
+                    .map_err(|_| "is not a cursor from this list".to_owned())
+            },
+        )?;
+        let (limit, after) = (page.limit as i64, page.cursor);
         let keys = state
             .store
             .list_api_keys(after, limit + 1)
@@ -262,89 +245,6 @@ async fn admin(
         return Err(refused);
     }
     Ok(claims)
-}
-
-fn roles(value: Option<Value>) -> Result<Vec<String>, Problem> {
-    let items = match value {
-        None => return Ok(Vec::new()),
-        Some(Value::Array(items)) => items,
-        Some(_) => {
-            return Err(Problem::invalid_field(
-                "roles",
-                "must be an array of strings",
-            ));
-        }
-    };
-    if items.len() > MAX_ROLES {
-        return Err(Problem::invalid_field(
-            "roles",
-            format!("must have at most {MAX_ROLES} roles"),
-        ));
-    }
-    let mut roles = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            Value::String(role)
-                if (1..=64).contains(&role.len())
-                    && role
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b":._-".contains(&b)) =>
-            {
-                if !roles.contains(&role) {
-                    roles.push(role);
-                }
-            }
-            _ => {
-                return Err(Problem::invalid_field(
-                    "roles",
-                    "each role is 1-64 characters of A-Z a-z 0-9 : . _ -",
-                ));
-            }
-        }
-    }
-    Ok(roles)
-}
-
-fn limit(value: Option<Value>) -> Result<Option<(u32, std::time::Duration)>, Problem> {
-    let object: Map<String, Value> = match value {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(object)) => object,
-        Some(_) => {
-            return Err(Problem::invalid_field(
-                "limit",
-                "must be an object {\"limit\": n, \"window\": \"1m\"}",
-            ));
-        }
-    };
-    let count = object
-        .get("limit")
-        .and_then(Value::as_u64)
-        .filter(|n| (1..=MAX_KEY_LIMIT).contains(n))
-        .ok_or_else(|| {
-            Problem::invalid_field("limit", format!("limit.limit must be 1 to {MAX_KEY_LIMIT}"))
-        })?;
-    let window = object
-        .get("window")
-        .and_then(Value::as_str)
-        .and_then(|w| common::config::parse_duration(w).ok())
-        .filter(|w| {
-            (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(86_400)).contains(w)
-        })
-        .ok_or_else(|| {
-            Problem::invalid_field(
-                "limit",
-                "limit.window must be a duration from 1s to 1d, like \"1m\"",
-            )
-        })?;
-    if object.len() > 2 {
-        return Err(Problem::invalid_field(
-            "limit",
-            "has fields other than limit and window",
-        ));
-    }
-    let quota = crate::limiter::Quota::new(count as u32, window)
-        .map_err(|reason| Problem::invalid_field("limit", reason))?;
-    Ok(Some((quota.limit, quota.window)))
 }
 
 fn describe(key: &ApiKey) -> Value {

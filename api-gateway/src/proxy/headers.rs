@@ -24,7 +24,9 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Whether a request asks to become a WebSocket (`Upgrade: websocket` with
-/// `Connection: upgrade`).
+/// `Connection: upgrade`, both case-insensitive tokens of comma-separated lists, RFC 9110
+/// §7.6.1 and §7.8). The one test of the gateway: what it proxies as a tunnel is what may
+/// carry its access token as `?token=`.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let upgrade = headers
         .get_all(header::UPGRADE)
@@ -285,6 +287,58 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers[header::AUTHORIZATION], "Bearer t");
+    }
+
+    fn upgrade_headers(connection: &[&str], upgrade: &[&str]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for value in connection {
+            headers.append(header::CONNECTION, value.parse().unwrap());
+        }
+        for value in upgrade {
+            headers.append(header::UPGRADE, value.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_recognised_whatever_the_case_and_token_order() {
+        for (connection, upgrade) in [
+            (&["Upgrade"][..], &["websocket"][..]),
+            (&["upgrade"], &["WebSocket"]),
+            (&["UPGRADE"], &["WEBSOCKET"]),
+            (&["keep-alive, Upgrade"], &["websocket"]),
+            (&["keep-alive,upgrade"], &["websocket"]),
+            (&["keep-alive", "Upgrade"], &["websocket"]),
+            (&["Upgrade"], &["h2c, websocket"]),
+        ] {
+            assert!(
+                is_websocket_upgrade(&upgrade_headers(connection, upgrade)),
+                "{connection:?} {upgrade:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn anything_short_of_both_headers_is_not_a_websocket_upgrade() {
+        for (connection, upgrade) in [
+            (&[][..], &["websocket"][..]),
+            (&["Upgrade"], &[]),
+            (&["keep-alive"], &["websocket"]),
+            (&["Upgrade"], &["h2c"]),
+            (&["Upgraded"], &["websocket"]),
+            (&["Upgrade"], &["websocket2"]),
+        ] {
+            assert!(
+                !is_websocket_upgrade(&upgrade_headers(connection, upgrade)),
+                "{connection:?} {upgrade:?}"
+            );
+        }
+        let mut not_ascii = upgrade_headers(&["Upgrade"], &[]);
+        not_ascii.insert(
+            header::UPGRADE,
+            HeaderValue::from_bytes(b"websocket\xff").unwrap(),
+        );
+        assert!(!is_websocket_upgrade(&not_ascii));
     }
 
     #[test]

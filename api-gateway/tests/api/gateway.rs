@@ -331,7 +331,7 @@ async fn with_redis_down_and_the_closed_policy_requests_get_503_until_the_next_p
     let url = format!("redis://{}", dead.local_addr().unwrap());
     drop(dead);
     let app = spawn_app_with(|settings, _| {
-        settings.redis_url = Some(url);
+        settings.redis_url = Some(url.into());
         settings.rate_limit_redis_down = api_gateway::limiter::RedisDownPolicy::Closed;
         settings.rate_limit_probe_interval = Duration::from_secs(7);
     })
@@ -361,7 +361,7 @@ async fn shutdown_ends_within_its_grace_with_a_request_stuck_upstream() {
         }
     });
     let app = spawn_app_with(|settings, config| {
-        settings.shutdown_grace = Duration::from_secs(1);
+        settings.serve.shutdown_grace = Duration::from_secs(1);
         config
             .set_targets("orders", std::slice::from_ref(&hole_url))
             .unwrap();

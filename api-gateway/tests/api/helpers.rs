@@ -71,7 +71,7 @@ pub async fn spawn_app_on(
     let database_url = database_url.to_owned();
     let upstream = spawn_echo_upstream().await;
     let mut settings = Settings::for_tests(&database_url);
-    settings.redis_url = Some(test_redis_url());
+    settings.redis_url = Some(test_redis_url().into());
     let mut config = GatewayConfig::parse(api_gateway::config::DEFAULT).unwrap();
     for name in ["metrics", "notifications", "orders", "analytics"] {
         config

@@ -334,7 +334,7 @@ async fn a_revocation_missed_while_redis_was_down_applies_when_the_replica_subsc
     let prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
     let replica = |url: String, prefix: String| {
         move |settings: &mut api_gateway::Settings, _: &mut api_gateway::config::GatewayConfig| {
-            settings.redis_url = Some(url);
+            settings.redis_url = Some(url.into());
             settings.rate_limit_prefix = prefix;
             settings.api_key_cache_ttl = Duration::from_secs(300);
         }
@@ -373,7 +373,7 @@ async fn a_subscription_that_stops_answering_is_dropped_and_made_again() {
     let redis = test_support::PrivateRedis::start(port);
     let url = redis.url();
     let app = spawn_app_with(move |settings, _| {
-        settings.redis_url = Some(url);
+        settings.redis_url = Some(url.into());
         settings.api_key_cache_ttl = Duration::from_secs(300);
     })
     .await;
@@ -391,7 +391,7 @@ async fn without_redis_a_revocation_reaches_the_other_replicas_within_the_cache_
     // b cannot reach Redis (nothing listens on port 1): only its cache TTL bounds a stale key.
     let a = spawn_app_with(|settings, _| settings.api_key_cache_ttl = Duration::from_secs(1)).await;
     let b = spawn_app_on(&a.database_url, |settings, _| {
-        settings.redis_url = Some("redis://127.0.0.1:1".into());
+        settings.redis_url = Some(String::from("redis://127.0.0.1:1").into());
         settings.api_key_cache_ttl = Duration::from_secs(1);
     })
     .await;

@@ -25,7 +25,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use common::http::{ServeSettings, request_context, serve};
+use common::http::{ServeOptions, request_context, serve};
 use futures_util::{SinkExt, StreamExt};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::helpers::header_values;
 
-const SERVE: ServeSettings = ServeSettings {
+const SERVE: ServeOptions = ServeOptions {
     grace: Duration::from_secs(1),
     header_read_timeout: Duration::from_secs(10),
     max_header_bytes: None,

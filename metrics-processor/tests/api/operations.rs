@@ -87,7 +87,7 @@ async fn clients_that_never_finish_a_request_head_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let app = crate::helpers::spawn_app_with(|s| {
-        s.header_read_timeout = std::time::Duration::from_millis(500)
+        s.serve.header_read_timeout = std::time::Duration::from_millis(500)
     })
     .await;
     let address = app.address.trim_start_matches("http://").to_owned();
@@ -130,7 +130,7 @@ async fn a_request_that_runs_too_long_is_503_and_counted_under_its_route() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let app = crate::helpers::spawn_app_with(|s| {
-        s.request_timeout = std::time::Duration::from_millis(300)
+        s.serve.request_timeout = std::time::Duration::from_millis(300)
     })
     .await;
     let address = app.address.trim_start_matches("http://").to_owned();
@@ -160,7 +160,7 @@ async fn a_request_that_runs_too_long_is_503_and_counted_under_its_route() {
 #[tokio::test]
 async fn readiness_fails_before_the_listener_closes() {
     let mut app = crate::helpers::spawn_app_with(|s| {
-        s.shutdown_readiness_delay = std::time::Duration::from_millis(800)
+        s.serve.shutdown_readiness_delay = std::time::Duration::from_millis(800)
     })
     .await;
     assert_eq!(app.get("/readyz").await.status(), 200);

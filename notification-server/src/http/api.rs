@@ -9,8 +9,11 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use common::{http::json_object, problem::Problem};
-use serde_json::{Map, Value, json};
+use common::{
+    http::{JsonFields, Page, PageSize, json_fields::string, json_object},
+    problem::Problem,
+};
+use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{AppState, Caller, ROLE_SENDER, ROLE_SUPPORT, forbidden};
@@ -24,6 +27,11 @@ use crate::{
 pub const DEFAULT_LIMIT: usize = 20;
 /// Largest history page.
 pub const MAX_LIMIT: usize = 100;
+/// The page sizes of every list here.
+const PAGE_SIZE: PageSize = PageSize {
+    default: DEFAULT_LIMIT,
+    max: MAX_LIMIT,
+};
 
 /// `POST /v1/notifications`: `{"user_ids": [...], "type", "title", "message", "data"?}`.
 pub async fn send_to_users(
@@ -33,9 +41,9 @@ pub async fn send_to_users(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     caller.require(&[ROLE_SENDER], "sending notifications")?;
-    let mut object = json_object(&headers, body)?;
-    let users = take_user_ids(&mut object, state.notifier.max_recipients())?;
-    let content = take_content(object)?;
+    let mut fields = JsonFields::from(json_object(&headers, body)?);
+    let users = take_user_ids(&mut fields, state.notifier.max_recipients())?;
+    let content = take_content(fields)?;
     let sent = state
         .notifier
         .send_to_users(users, content)
@@ -54,8 +62,8 @@ pub async fn broadcast_to_group(
 ) -> Result<Response, Problem> {
     caller.require(&[ROLE_SENDER], "broadcasting")?;
     let group = path_id(&group, "group", GroupId::parse)?;
-    let object = json_object(&headers, body)?;
-    let content = take_content(object)?;
+    let fields = JsonFields::from(json_object(&headers, body)?);
+    let content = take_content(fields)?;
     let sent = state
         .notifier
         .broadcast_to_group(&group, content)
@@ -77,12 +85,12 @@ pub async fn history(
             "users may read only their own history unless they hold `support` or `admin`",
         ));
     }
-    let (limit, cursor) = page_params(&query, |raw| {
+    let page = page_params(&query, |raw| {
         Uuid::parse_str(raw).map_err(|_| "must be the id of a notification (a UUID)".into())
     })?;
     let page = state
         .notifier
-        .get_history(&user, limit, cursor)
+        .get_history(&user, page.limit, page.cursor)
         .await
         .map_err(store_problem)?;
     Ok(Json(json!({
@@ -150,11 +158,11 @@ pub async fn members(
 ) -> Result<Response, Problem> {
     caller.require(&[], "listing group members")?;
     let group = path_id(&group, "group", GroupId::parse)?;
-    let (limit, cursor) = page_params(&query, UserId::parse)?;
+    let page = page_params(&query, UserId::parse)?;
     let page = state
         .notifier
         .store()
-        .members(&group, cursor.as_ref(), limit)
+        .members(&group, page.cursor.as_ref(), page.limit)
         .await
         .map_err(store_problem)?;
     let next_cursor = page.more.then(|| page.members.last().cloned()).flatten();
@@ -192,10 +200,11 @@ fn path_id<T>(raw: &str, what: &str, parse: fn(&str) -> Result<T, String>) -> Re
     parse(raw).map_err(|detail| Problem::invalid_field(what, format!("{what} id {detail}")))
 }
 
+/// `limit` and `cursor`; any other parameter is refused by name.
 fn page_params<C>(
     query: &HashMap<String, String>,
-    parse_cursor: impl Fn(&str) -> Result<C, String>,
-) -> Result<(usize, Option<C>), Problem> {
+    parse_cursor: impl FnOnce(&str) -> Result<C, String>,
+) -> Result<Page<C>, Problem> {
     if let Some(unknown) = query
         .keys()
         .find(|k| !matches!(k.as_str(), "limit" | "cursor"))
@@ -205,29 +214,16 @@ fn page_params<C>(
         ))
         .with_field(unknown.clone()));
     }
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(raw) => raw
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                Problem::invalid_field("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
-            })?,
-    };
-    let cursor = match query.get("cursor") {
-        None => None,
-        Some(raw) => {
-            Some(parse_cursor(raw).map_err(|detail| Problem::invalid_field("cursor", detail))?)
-        }
-    };
-    Ok((limit, cursor))
+    Page::parse(
+        query.get("limit").map(String::as_str),
+        query.get("cursor").map(String::as_str),
+        PAGE_SIZE,
+        parse_cursor,
+    )
 }
 
-fn take_user_ids(object: &mut Map<String, Value>, max: usize) -> Result<Vec<UserId>, Problem> {
-    let Some(value) = object.remove("user_ids") else {
-        return Err(Problem::invalid_field("user_ids", "is required"));
-    };
+fn take_user_ids(fields: &mut JsonFields, max: usize) -> Result<Vec<UserId>, Problem> {
+    let value = fields.required("user_ids", Ok)?;
     let Value::Array(items) = value else {
         return Err(Problem::invalid_field(
             "user_ids",
@@ -259,28 +255,15 @@ fn take_user_ids(object: &mut Map<String, Value>, max: usize) -> Result<Vec<User
         .collect()
 }
 
-fn take_content(mut object: Map<String, Value>) -> Result<Content, Problem> {
-    let mut text = |name: &str| -> Result<String, Problem> {
-        match object.remove(name) {
-            Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(Problem::invalid_field(name, "must be a string")),
-            None => Err(Problem::invalid_field(name, "is required")),
-        }
-    };
-    let kind = text("type")?;
-    let title = text("title")?;
-    let message = text("message")?;
-    let data = match object.remove("data") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(data)) => Some(data),
-        Some(_) => return Err(Problem::invalid_field("data", "must be a JSON object")),
-    };
-    if let Some(unknown) = object.keys().next() {
-        return Err(Problem::invalid_field(
-            unknown,
-            "is not a field of a notification",
-        ));
-    }
+fn take_content(mut fields: JsonFields) -> Result<Content, Problem> {
+    let kind = fields.required("type", string)?;
+    let title = fields.required("title", string)?;
+    let message = fields.required("message", string)?;
+    let data = fields.nullable("data", |value| match value {
+        Value::Object(data) => Ok(data),
+        _ => Err("must be a JSON object".to_owned()),
+    })?;
+    fields.finish("a notification")?;
     let content = Content {
         kind,
         title,

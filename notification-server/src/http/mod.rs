@@ -26,13 +26,13 @@ use std::{
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, FromRequestParts, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
+    http::{HeaderValue, StatusCode, header, request::Parts},
     middleware::{from_fn, from_fn_with_state},
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
 use common::{
-    auth::{Claims, TokenError, Verifier},
+    auth::{Claims, TokenError, Verifier, bearer},
     http::{request_context, shed_load, time_limit},
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
@@ -214,16 +214,6 @@ impl FromRequestParts<AppState> for Caller {
             Err(error) => Err(unauthorized(Some(error))),
         }
     }
-}
-
-/// The token of an `Authorization: Bearer` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
 }
 
 /// 401 with a `WWW-Authenticate` challenge (RFC 6750). The reason is logged, not sent.

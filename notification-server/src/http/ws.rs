@@ -23,11 +23,14 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use common::{auth::Claims, problem::Problem};
+use common::{
+    auth::{Claims, bearer},
+    problem::Problem,
+};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
-use super::{AppState, bearer, unauthorized};
+use super::{AppState, unauthorized};
 use crate::{
     hub::Registration,
     metrics::{Metrics, Reason},

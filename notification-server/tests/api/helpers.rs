@@ -48,7 +48,7 @@ pub fn fresh_prefix() -> String {
 pub async fn settings_for(engine: Engine) -> Settings {
     let mut settings = Settings::for_tests();
     if engine == Engine::Postgres {
-        settings.database_url = Some(fresh_database().await);
+        settings.database_url = Some(fresh_database().await.into());
     }
     settings
 }

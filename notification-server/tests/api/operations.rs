@@ -56,7 +56,7 @@ async fn when_postgresql_goes_away_sends_get_503_and_readiness_fails() {
     let url = fresh_database().await;
     let database = url.rsplit('/').next().unwrap().to_owned();
     let mut settings = Settings::for_tests();
-    settings.database_url = Some(url);
+    settings.database_url = Some(url.into());
     let app = spawn_with_settings(settings).await;
     app.send(&["alice"], "before").await;
 
@@ -84,7 +84,7 @@ async fn when_postgresql_goes_away_sends_get_503_and_readiness_fails() {
 async fn shutdown_closes_every_websocket_with_1001_and_keeps_what_was_persisted() {
     let url = fresh_database().await;
     let mut settings = Settings::for_tests();
-    settings.database_url = Some(url.clone());
+    settings.database_url = Some(url.clone().into());
     let mut app = spawn_with_settings(settings).await;
     let mut clients = Vec::new();
     for i in 0..20 {
@@ -98,7 +98,7 @@ async fn shutdown_closes_every_websocket_with_1001_and_keeps_what_was_persisted(
     }
     // A new node on the same database still has it.
     let mut settings = Settings::for_tests();
-    settings.database_url = Some(url);
+    settings.database_url = Some(url.into());
     let app = spawn_with_settings(settings).await;
     let history: Value = app
         .get("/v1/users/user0/notifications", Some(&token("user0", &[])))
