@@ -1,9 +1,9 @@
 //! HTTP plumbing every service stacks the same way: request context, load shedding, serving.
 //!
 //! A service's router ends with `.layer(from_fn(http::request_context))`, which gives each
-//! request an id (kept from `X-Request-Id` or a new UUIDv7), a span naming it, and one
-//! access-log line; [`time_limit`] and [`shed_load`] answer 503 problem+json for requests
-//! that run too long or arrive when too many are in flight. [`serve`] runs the router until
+//! request an id (kept from `X-Request-Id` or a new UUIDv7, see [`crate::request_id`]), a
+//! span naming it, and one access-log line; [`time_limit`] and [`shed_load`] answer 503
+//! problem+json for requests that run too long or arrive when too many are in flight. [`serve`] runs the router until
 //! the shutdown future fires, then lets in-flight requests finish within a grace period.
 
 use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
@@ -11,7 +11,7 @@ use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 use axum::{
     body::{Body, Bytes},
     extract::{ConnectInfo, MatchedPath, Request, State, rejection::BytesRejection},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -27,49 +27,10 @@ use tokio::{
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::problem::Problem;
-
-/// The request id header, read from clients and set on every response.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The id of the request being handled, readable anywhere inside its task.
-pub mod request_id {
-    tokio::task_local! {
-        static REQUEST_ID: String;
-    }
-
-    /// The current request's id, or `None` outside a request (tests, background tasks).
-    pub fn current() -> Option<String> {
-        REQUEST_ID.try_with(Clone::clone).ok()
-    }
-
-    /// Runs `fut` with `id` as the current request id.
-    ///
-    /// A plain function returning the scoped future, not an `async fn`: an `async fn` keeps
-    /// its future argument in its own state beside the copy it awaits, which doubled the
-    /// size of every request's future (and the bytes copied to move it).
-    pub fn scope<F: std::future::Future>(
-        id: String,
-        fut: F,
-    ) -> tokio::task::futures::TaskLocalFuture<String, F> {
-        REQUEST_ID.scope(id, fut)
-    }
-
-    /// A new request id: a UUIDv7 (time-ordered, so logs sort by it), hyphenated without the
-    /// formatting machinery `to_string` goes through.
-    pub fn new() -> String {
-        let mut buffer = uuid::Uuid::encode_buffer();
-        uuid::Uuid::now_v7()
-            .hyphenated()
-            .encode_lower(&mut buffer)
-            .to_owned()
-    }
-
-    /// Keeps a client's id when it is short printable ASCII, so it is safe in logs and headers.
-    pub fn accept_client_id(value: &str) -> bool {
-        (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic())
-    }
-}
+use crate::{
+    problem::Problem,
+    request_id::{self, X_REQUEST_ID},
+};
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
 ///
@@ -325,19 +286,5 @@ pub fn json_object(
         Ok(serde_json::Value::Object(object)) => Ok(object),
         Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
         Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_request_ids_are_kept_only_when_safe() {
-        assert!(request_id::accept_client_id("abc-123"));
-        assert!(!request_id::accept_client_id(""));
-        assert!(!request_id::accept_client_id("has space"));
-        assert!(!request_id::accept_client_id("line\nbreak"));
-        assert!(!request_id::accept_client_id(&"x".repeat(129)));
     }
 }
