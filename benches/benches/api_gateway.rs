@@ -18,14 +18,11 @@ use api_gateway::limiter::{
 };
 use criterion::{Criterion, criterion_group, criterion_main};
 use prometheus_client::registry::Registry;
+use test_support::{access_token::AccessToken, test_redis_url};
 use tokio::runtime::Runtime;
 
 /// Distinct keys the decisions rotate over, so the map and Redis hold a realistic population.
 const KEYS: usize = 10_000;
-
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -36,7 +33,7 @@ fn runtime() -> Runtime {
 
 /// A connection to the bench Redis, or a panic that says how to get one.
 fn redis_connection(rt: &Runtime) -> redis::aio::MultiplexedConnection {
-    let url = redis_url();
+    let url = test_redis_url();
     rt.block_on(async {
         let client = redis::Client::open(url.as_str())?;
         let mut conn = client.get_multiplexed_async_connection().await?;
@@ -93,7 +90,7 @@ fn limiter_group(c: &mut Criterion) {
         })
     });
 
-    let shared = limiter(&rt, Some(redis_url()), &prefix);
+    let shared = limiter(&rt, Some(test_redis_url()), &prefix);
     group.bench_function("redis_decision", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
@@ -146,27 +143,13 @@ fn limiter_group(c: &mut Criterion) {
     group.finish();
 }
 
-/// An access token signed with the fixture key, as the gateway issues them.
+/// An access token signed with the fixture key, as the gateway issues them; the same claims
+/// on every run but the times.
 fn fixture_token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let claims = common::auth::Claims {
-        sub: sub.into(),
-        roles: vec!["user".into()],
-        groups: vec![],
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 3600,
-        iat: now,
-        nbf: None,
-        jti: format!("bench-{sub}"),
-    };
-    let pem = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
-    common::auth::Signer::ed25519_pem("test", pem)
-        .and_then(|signer| signer.sign(&claims))
-        .expect("cannot sign a bench token")
+    AccessToken::new(sub, &["user"])
+        .valid_for(Duration::from_secs(3_600))
+        .jti(format!("bench-{sub}"))
+        .sign()
 }
 
 fn jwt_group(c: &mut Criterion) {

@@ -22,13 +22,13 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use axum::{Router, http::header, routing::get, serve::ListenerExt};
-use common::auth::{Claims, Signer};
 use hdrhistogram::Histogram;
+use test_support::access_token::AccessToken;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -144,9 +144,8 @@ async fn phases(
     report.figure("phase_seconds", phase.as_secs_f64());
     report.figure("stall_threshold_ms", STALL.as_secs_f64() * 1e3);
 
-    let signer = Signer::ed25519_pem(KID, PRIVATE_KEY)?;
     let tokens: Vec<String> = (0..USERS)
-        .map(|u| token(&signer, &format!("loadtest-user-{u}")))
+        .map(|u| token(&format!("loadtest-user-{u}")))
         .collect();
     let address = |path: Via| match path {
         Via::Direct => upstream_address.clone(),
@@ -284,12 +283,7 @@ async fn phases(
     let second = gateway_env.start().await?;
     wait_ready(&second.address).await?;
     let user = format!("loadtest-limited-{}", uuid::Uuid::now_v7().simple());
-    limiter_phase(
-        report,
-        [&gateway.address, &second.address],
-        &token(&signer, &user),
-    )
-    .await?;
+    limiter_phase(report, [&gateway.address, &second.address], &token(&user)).await?;
 
     second.terminate(Duration::from_secs(10)).await?;
     gateway.terminate(Duration::from_secs(10)).await?;
@@ -439,22 +433,11 @@ fn latency_figures(report: &mut Report, name: &str, histogram: &Histogram<u64>) 
 }
 
 /// An access token the gateway accepts, for role `user`, valid for an hour.
-fn token(signer: &Signer, sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let claims = Claims {
-        sub: sub.into(),
-        roles: vec!["user".into()],
-        groups: Vec::new(),
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 3_600,
-        iat: now,
-        nbf: None,
-        jti: uuid::Uuid::now_v7().to_string(),
-    };
-    signer.sign(&claims).expect("signing cannot fail")
+fn token(sub: &str) -> String {
+    AccessToken::new(sub, &["user"])
+        .key_id(KID)
+        .valid_for(Duration::from_secs(3_600))
+        .sign()
 }
 
 /// What one phase against one path achieved.

@@ -1,6 +1,16 @@
-//! What the services' integration tests share, so each backend is reached, named and
-//! explained the same way: a fresh PostgreSQL database per test (a clear panic, never a skip,
-//! when PostgreSQL is down), the test Redis's URL, and a private `redis-server` a test may kill.
+//! What the services' integration tests, the load test and the benches share, so each
+//! backend is reached, each token minted and each error checked the same way, compiled once.
+//!
+//! # Layout
+//! - this file: a fresh PostgreSQL database per test (a clear panic, never a skip, when
+//!   PostgreSQL is down), the test Redis's URL, and a private `redis-server` a test may kill.
+//! - [`access_token`]: access tokens signed with the fixture keys, as the gateway issues them.
+//! - [`problem_json`]: the assertion on an `application/problem+json` response.
+//! - [`free_port`]: a loopback port nothing listens on.
+
+pub mod access_token;
+pub mod free_port;
+pub mod problem_json;
 
 use std::{
     process::{Child, Command, Stdio},

@@ -4,7 +4,6 @@
 //! ADR 0006 quotes (`adr_0006_figures`, run with `--no-capture` to see them).
 
 use std::{
-    net::TcpListener,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -16,7 +15,7 @@ use api_gateway::limiter::{
 use axum::http::HeaderMap;
 use chrono::{NaiveDate, TimeZone, Utc};
 use prometheus_client::registry::Registry;
-use test_support::PrivateRedis;
+use test_support::{PrivateRedis, free_port::free_port};
 use uuid::Uuid;
 
 use crate::helpers::require_redis;
@@ -325,11 +324,7 @@ async fn limiter_the_local_limiter_decides_exactly_like_redis() {
 
 #[tokio::test]
 async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_by_itself() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = PrivateRedis::start(port);
     let clock = ManualClock::new(at(14, 0, 0));
     let probe_interval = Duration::from_millis(300);
@@ -428,11 +423,7 @@ async fn limiter_when_redis_dies_the_policy_decides_and_redis_takes_over_again_b
 /// and the limiter comes back once writes are taken again.
 #[tokio::test]
 async fn limiter_a_redis_that_answers_ping_but_refuses_writes_stays_down() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let server = PrivateRedis::start(port);
     let client = redis::Client::open(server.url()).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();

@@ -110,7 +110,7 @@ async fn a_client_that_does_not_read_is_cut_off_and_others_get_everything() {
 
     // ~4 KB per frame: enough of them fill the socket buffers, then the slow queue.
     let big = "x".repeat(3_900);
-    let sender = token("s", &["sender"]);
+    let sender = access_token("s", &["sender"]);
     let mut sent = 0;
     let reader = tokio::spawn(async move {
         let mut count = 0;
