@@ -7,9 +7,11 @@
 //! - [`access_token`]: access tokens signed with the fixture keys, as the gateway issues them.
 //! - [`problem_json`]: the assertion on an `application/problem+json` response.
 //! - [`free_port`]: a loopback port nothing listens on.
+//! - [`polling`]: waiting, with a deadline, for a condition to hold.
 
 pub mod access_token;
 pub mod free_port;
+pub mod polling;
 pub mod problem_json;
 
 use std::{

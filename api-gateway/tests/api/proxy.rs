@@ -29,6 +29,7 @@ use common::http::{ServeSettings, request_context, serve};
 use futures_util::{SinkExt, StreamExt};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use test_support::polling::poll_until;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -642,8 +643,12 @@ async fn the_breaker_opens_answers_503_without_the_upstream_then_closes_on_recov
     );
 
     upstream.set_mode(MODE_OK);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert!(gateway.proxy.available("orders"));
+    poll_until(
+        "the breaker to let a probe through once open_for passed",
+        Duration::from_secs(5),
+        async || gateway.proxy.available("orders").then_some(()),
+    )
+    .await;
     let response = gateway.get_as("alice", "/api/orders/x").await;
     assert_eq!(response.status(), 200, "the half-open probe goes through");
     assert_eq!(upstream.hits(), 4);
