@@ -15,33 +15,12 @@ use serde_json::{Value, json};
 pub use test_support::{
     access_token::{AccessToken, access_token},
     problem_json::problem,
-    test_database_url, test_redis_url,
+    require_redis, test_database_url, test_redis_url,
 };
 
 /// A new, empty database for one test; its URL.
 pub async fn fresh_database() -> String {
     test_support::fresh_database("gateway_test").await
-}
-
-/// The shared test Redis's URL; fails the test with instructions when it does not answer.
-pub async fn require_redis() -> String {
-    let url = test_redis_url();
-    let reachable = async {
-        let client = redis::Client::open(url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    if let Err(error) = tokio::time::timeout(std::time::Duration::from_secs(3), reachable)
-        .await
-        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
-    {
-        panic!(
-            "Redis is not reachable at {url} ({error}). Start it with \
-             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
-             at a running server (scripts/test does both)."
-        );
-    }
-    url
 }
 
 pub struct TestApp {
