@@ -54,7 +54,7 @@ impl Event {
     pub fn new(action: &'static str, outcome: &'static str) -> Self {
         Self {
             at: now_micros(),
-            request_id: common::http::request_id::current(),
+            request_id: common::request_id::current(),
             subject: None,
             ip: None,
             action,

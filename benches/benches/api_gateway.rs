@@ -1,6 +1,6 @@
 //! Benchmarks of the api-gateway core. Group `limiter` (ADR 0006): one rate-limit decision
-//! in process, one through the production `Limiter` over Redis, and the two candidate
-//! scripts (sliding window, GCRA) called the same bare way so they compare like for like.
+//! in process, and one through the production `Limiter` over Redis (its script called bare,
+//! next to GCRA's, is in `rate_limit_algorithms.rs`).
 //! Group `jwt`: verifying an EdDSA access token, uncached and through the gateway's token
 //! cache. Group `routes`: normalising a path and matching it against the default route file.
 //!
@@ -13,42 +13,20 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use api_gateway::limiter::{
-    Backend, Limiter, LimiterSettings, Quota, SLIDING_WINDOW_SCRIPT, SystemClock, gcra,
-};
+use api_gateway::limiter::{Backend, Limiter, LimiterSettings, Quota, SystemClock};
 use criterion::{Criterion, criterion_group, criterion_main};
 use prometheus_client::registry::Registry;
+use test_support::{access_token::AccessToken, require_redis};
 use tokio::runtime::Runtime;
 
 /// Distinct keys the decisions rotate over, so the map and Redis hold a realistic population.
 const KEYS: usize = 10_000;
-
-fn redis_url() -> String {
-    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot build a Tokio runtime")
-}
-
-/// A connection to the bench Redis, or a panic that says how to get one.
-fn redis_connection(rt: &Runtime) -> redis::aio::MultiplexedConnection {
-    let url = redis_url();
-    rt.block_on(async {
-        let client = redis::Client::open(url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await?;
-        Ok::<_, redis::RedisError>(conn)
-    })
-    .unwrap_or_else(|error| {
-        panic!(
-            "Redis is not reachable at {url} ({error}): start it with \
-             `redis-server --daemonize yes --save '' --appendonly no`, or set TEST_REDIS_URL"
-        )
-    })
 }
 
 fn limiter(rt: &Runtime, redis_url: Option<String>, prefix: &str) -> Limiter {
@@ -67,15 +45,9 @@ fn keys() -> Vec<String> {
     (0..KEYS).map(|i| format!("user:{i}")).collect()
 }
 
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 fn limiter_group(c: &mut Criterion) {
     let rt = runtime();
-    let mut conn = redis_connection(&rt);
+    let redis_url = rt.block_on(require_redis());
     let prefix = format!("bench:{}:", std::process::id());
     let keys = keys();
     // High enough that every decision admits (the common case, and the one that writes),
@@ -93,7 +65,7 @@ fn limiter_group(c: &mut Criterion) {
         })
     });
 
-    let shared = limiter(&rt, Some(redis_url()), &prefix);
+    let shared = limiter(&rt, Some(redis_url), &prefix);
     group.bench_function("redis_decision", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
@@ -108,65 +80,16 @@ fn limiter_group(c: &mut Criterion) {
         })
     });
 
-    let window = 60_000_000u64;
-    // How each script's reply says "admitted": the sliding window answers remaining (>= 0)
-    // and reset, GCRA an allowed flag first.
-    let sliding_admits: fn(&[i64]) -> bool = |reply| reply.len() == 2 && reply[0] >= 0;
-    let gcra_admits: fn(&[i64]) -> bool = |reply| reply.first() == Some(&1);
-    for (name, source, admitted) in [
-        (
-            "script_sliding_window",
-            SLIDING_WINDOW_SCRIPT,
-            sliding_admits,
-        ),
-        ("script_gcra", gcra::SCRIPT, gcra_admits),
-    ] {
-        let script = redis::Script::new(source);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let started = Instant::now();
-                    for n in 0..iters {
-                        let key = &keys[usize::try_from(n).unwrap_or(0) % KEYS];
-                        let reply: Vec<i64> = script
-                            .key(format!("{prefix}{name}:{key}"))
-                            .arg(now_micros())
-                            .arg(window)
-                            .arg(quota.limit)
-                            .invoke_async(&mut conn)
-                            .await
-                            .expect("script failed");
-                        assert!(admitted(&reply), "refused: {reply:?}");
-                    }
-                    started.elapsed()
-                })
-            })
-        });
-    }
     group.finish();
 }
 
-/// An access token signed with the fixture key, as the gateway issues them.
+/// An access token signed with the fixture key, as the gateway issues them; the same claims
+/// on every run but the times.
 fn fixture_token(sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let claims = common::auth::Claims {
-        sub: sub.into(),
-        roles: vec!["user".into()],
-        groups: vec![],
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 3600,
-        iat: now,
-        nbf: None,
-        jti: format!("bench-{sub}"),
-    };
-    let pem = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
-    common::auth::Signer::ed25519_pem("test", pem)
-        .and_then(|signer| signer.sign(&claims))
-        .expect("cannot sign a bench token")
+    AccessToken::new(sub, &["user"])
+        .valid_for(Duration::from_secs(3_600))
+        .jti(format!("bench-{sub}"))
+        .sign()
 }
 
 fn jwt_group(c: &mut Criterion) {

@@ -1,10 +1,11 @@
 //! HTTP plumbing every service stacks the same way: request context, load shedding, serving.
 //!
 //! A service's router ends with `.layer(from_fn(http::request_context))`, which gives each
-//! request an id (kept from `X-Request-Id` or a new UUIDv7), a span naming it, and one
-//! access-log line; [`time_limit`] and [`shed_load`] answer 503 problem+json for requests
-//! that run too long or arrive when too many are in flight. [`serve`] runs the router until
-//! the shutdown future fires, then lets in-flight requests finish within a grace period.
+//! request an id (kept from `X-Request-Id` or a new UUIDv7, see [`crate::request_id`]), a
+//! span naming it, and one access-log line; [`time_limit`] and [`shed_load`] answer 503
+//! problem+json for requests that run too long or arrive when too many are in flight.
+//! [`serve`] runs the router until the shutdown future fires, then lets in-flight requests
+//! finish within a grace period.
 //! Handlers read their input through [`json_object`] and [`JsonFields`] (bodies) and
 //! [`Page`] (list queries), so every service refuses bad input the same way.
 
@@ -13,7 +14,7 @@ use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
 use axum::{
     body::{Body, Bytes},
     extract::{ConnectInfo, MatchedPath, Request, State, rejection::BytesRejection},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -29,55 +30,16 @@ use tokio::{
 use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::problem::Problem;
+use crate::{
+    problem::Problem,
+    request_id::{self, X_REQUEST_ID},
+};
 
 pub mod json_fields;
 pub mod page;
 
 pub use json_fields::JsonFields;
 pub use page::{Page, PageSize};
-
-/// The request id header, read from clients and set on every response.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The id of the request being handled, readable anywhere inside its task.
-pub mod request_id {
-    tokio::task_local! {
-        static REQUEST_ID: String;
-    }
-
-    /// The current request's id, or `None` outside a request (tests, background tasks).
-    pub fn current() -> Option<String> {
-        REQUEST_ID.try_with(Clone::clone).ok()
-    }
-
-    /// Runs `fut` with `id` as the current request id.
-    ///
-    /// A plain function returning the scoped future, not an `async fn`: an `async fn` keeps
-    /// its future argument in its own state beside the copy it awaits, which doubled the
-    /// size of every request's future (and the bytes copied to move it).
-    pub fn scope<F: std::future::Future>(
-        id: String,
-        fut: F,
-    ) -> tokio::task::futures::TaskLocalFuture<String, F> {
-        REQUEST_ID.scope(id, fut)
-    }
-
-    /// A new request id: a UUIDv7 (time-ordered, so logs sort by it), hyphenated without the
-    /// formatting machinery `to_string` goes through.
-    pub fn new() -> String {
-        let mut buffer = uuid::Uuid::encode_buffer();
-        uuid::Uuid::now_v7()
-            .hyphenated()
-            .encode_lower(&mut buffer)
-            .to_owned()
-    }
-
-    /// Keeps a client's id when it is short printable ASCII, so it is safe in logs and headers.
-    pub fn accept_client_id(value: &str) -> bool {
-        (1..=128).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_graphic())
-    }
-}
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
 ///
@@ -334,19 +296,5 @@ pub fn json_object(
         Ok(serde_json::Value::Object(object)) => Ok(object),
         Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
         Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_request_ids_are_kept_only_when_safe() {
-        assert!(request_id::accept_client_id("abc-123"));
-        assert!(!request_id::accept_client_id(""));
-        assert!(!request_id::accept_client_id("has space"));
-        assert!(!request_id::accept_client_id("line\nbreak"));
-        assert!(!request_id::accept_client_id(&"x".repeat(129)));
     }
 }

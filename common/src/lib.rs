@@ -9,6 +9,8 @@
 //! - [`shutdown`]: the SIGTERM / Ctrl-C future that starts a graceful shutdown, and the
 //!   readiness withdrawal that comes first.
 //! - [`problem`]: RFC 9457 `application/problem+json` errors.
+//! - [`request_id`]: each request's id, in a task-local every log line, problem and audit
+//!   row reads.
 //! - [`http`]: the request-context middleware (request id, span, access log, timeout, load
 //!   shedding) and [`http::serve`], which runs a router until a shutdown future fires and a
 //!   grace period ends; [`http::JsonFields`] and [`http::Page`] read request bodies and list
@@ -20,5 +22,6 @@ pub mod config;
 pub mod http;
 pub mod problem;
 pub mod prometheus;
+pub mod request_id;
 pub mod shutdown;
 pub mod telemetry;

@@ -2,7 +2,7 @@
 //!
 //! A [`Problem`] carries only what the client may see; services log the internal cause of a
 //! 5xx before turning it into one. The `request_id` member is filled from the request
-//! context (see [`crate::http::request_id`]), so a client can quote it in a bug report.
+//! context (see [`crate::request_id`]), so a client can quote it in a bug report.
 
 use axum::{
     http::{HeaderValue, StatusCode, header},
@@ -64,7 +64,7 @@ impl Problem {
             status,
             detail: detail.into(),
             field: None,
-            request_id: crate::http::request_id::current().map(String::into_boxed_str),
+            request_id: crate::request_id::current().map(String::into_boxed_str),
             extensions: None,
             retry_after_secs: None,
         }

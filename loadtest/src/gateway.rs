@@ -22,13 +22,13 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use axum::{Router, http::header, routing::get, serve::ListenerExt};
-use common::auth::{Claims, Signer};
 use hdrhistogram::Histogram;
+use test_support::access_token::AccessToken;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::Command,
@@ -152,10 +152,9 @@ async fn phases(
     report.figure("phase_seconds", phase.as_secs_f64());
     report.figure("stall_threshold_ms", STALL.as_secs_f64() * 1e3);
 
-    let signer = Signer::ed25519_pem(KID, PRIVATE_KEY)?;
     let mut rig = Rig {
         tokens: (0..USERS)
-            .map(|u| token(&signer, &format!("loadtest-user-{u}")))
+            .map(|u| token(&format!("loadtest-user-{u}")))
             .collect(),
         upstream: (upstream, upstream_address),
         nginx,
@@ -174,7 +173,7 @@ async fn phases(
     limiter_phase(
         report,
         [&rig.gateway.address, &second.address],
-        &token(&signer, &user),
+        &token(&user),
     )
     .await?;
 
@@ -547,22 +546,11 @@ struct LimiterCounts {
 
 /// A target that passes only on the exact count.
 /// An access token the gateway accepts, for role `user`, valid for an hour.
-fn token(signer: &Signer, sub: &str) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let claims = Claims {
-        sub: sub.into(),
-        roles: vec!["user".into()],
-        groups: Vec::new(),
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 3_600,
-        iat: now,
-        nbf: None,
-        jti: uuid::Uuid::now_v7().to_string(),
-    };
-    signer.sign(&claims).expect("signing cannot fail")
+fn token(sub: &str) -> String {
+    AccessToken::new(sub, &["user"])
+        .key_id(KID)
+        .valid_for(Duration::from_secs(3_600))
+        .sign()
 }
 
 /// What one phase against one path achieved.
@@ -950,9 +938,7 @@ async fn start_nginx(
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(&prefix)
         .with_context(|| format!("failed to create {}", prefix.display()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = test_support::free_port::free_port();
     let listen = format!("127.0.0.1:{port}");
     let prefix_text = prefix.to_string_lossy();
     let conf = NGINX_CONF

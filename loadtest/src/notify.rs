@@ -18,10 +18,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use common::auth::{Claims, Signer};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use test_support::access_token::AccessToken;
 use tokio::{
     net::TcpSocket,
     sync::{Semaphore, mpsc, watch},
@@ -40,7 +40,6 @@ use crate::{
     service::{Service, cpu_seconds_of},
 };
 
-const PRIVATE_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
 const PUBLIC_KEY: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
 const KID: &str = "loadtest";
 const GROUPS: usize = 10;
@@ -702,9 +701,8 @@ pub fn clients_child(
     })
 }
 
-/// The signing key and the service it is trusted by.
+/// The public key the service is started with, and tokens signed with its private twin.
 struct Keys {
-    signer: Signer,
     public_key_file: std::path::PathBuf,
 }
 
@@ -714,26 +712,14 @@ impl Keys {
         std::fs::create_dir_all(&dir)?;
         let public_key_file = dir.join("ed25519-public.pem");
         std::fs::write(&public_key_file, PUBLIC_KEY)?;
-        Ok(Self {
-            signer: Signer::ed25519_pem(KID, PRIVATE_KEY)?,
-            public_key_file,
-        })
+        Ok(Self { public_key_file })
     }
 
     fn token(&self, sub: &str, roles: &[&str]) -> String {
-        let now = unix_us() as i64 / 1_000_000;
-        let claims = Claims {
-            sub: sub.into(),
-            roles: roles.iter().map(|r| r.to_string()).collect(),
-            groups: Vec::new(),
-            iss: "api-gateway".into(),
-            aud: "backend-suite".into(),
-            exp: now + 3_600,
-            iat: now,
-            nbf: None,
-            jti: uuid::Uuid::now_v7().to_string(),
-        };
-        self.signer.sign(&claims).expect("signing cannot fail")
+        AccessToken::new(sub, roles)
+            .key_id(KID)
+            .valid_for(Duration::from_secs(3_600))
+            .sign()
     }
 
     async fn start_service(&self, database_url: &str) -> anyhow::Result<Service> {

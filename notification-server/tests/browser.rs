@@ -9,15 +9,15 @@
 //! restart.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::auth::{Claims, Signer};
 use notification_server::{settings::Settings, startup::Application};
 use serde_json::{Value, json};
+use test_support::{access_token::access_token, free_port::free_port};
 use uuid::Uuid;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -47,7 +47,7 @@ async fn the_page_shows_live_notifications_and_recovers_missed_ones_after_a_rest
     // Connect as a person would: paste the token, click.
     browser.navigate(&node.url("/")).await;
     browser
-        .type_into("#token", &token("browser-user", &[]))
+        .type_into("#token", &access_token("browser-user", &[]))
         .await;
     browser.click("#connect").await;
     browser.wait_for_status("connected as browser-user").await;
@@ -161,7 +161,7 @@ impl Node {
         let response = self
             .client
             .post(self.url("/v1/notifications"))
-            .bearer_auth(token("sender-1", &["sender"]))
+            .bearer_auth(access_token("sender-1", &["sender"]))
             .json(&json!({
                 "user_ids": [user],
                 "type": "test.browser",
@@ -191,31 +191,6 @@ impl Node {
     }
 }
 
-/// A token for `sub`, valid for ten minutes, signed with the key the test service trusts.
-fn token(sub: &str, roles: &[&str]) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let claims = Claims {
-        sub: sub.into(),
-        roles: roles.iter().map(|r| r.to_string()).collect(),
-        groups: Vec::new(),
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 600,
-        iat: now,
-        nbf: None,
-        jti: Uuid::now_v7().to_string(),
-    };
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../common/tests/fixtures/ed25519-private.pem"
-    );
-    let pem = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
-    Signer::ed25519_pem("test", &pem)
-        .unwrap()
-        .sign(&claims)
-        .unwrap()
-}
-
 // --- The browser -------------------------------------------------------------------------
 
 /// chromedriver on a free port, with a folder for its log and Chromium's profile; killed,
@@ -230,10 +205,7 @@ impl ChromeDriver {
     fn start() -> Self {
         let dir = std::env::temp_dir().join(format!("browser-test-{}", Uuid::now_v7().simple()));
         std::fs::create_dir_all(dir.join("profile")).expect("cannot create a temp folder");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("no free port")
-            .port();
+        let port = free_port();
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .arg(format!(

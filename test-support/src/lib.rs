@@ -1,6 +1,18 @@
-//! What the services' integration tests share, so each backend is reached, named and
-//! explained the same way: a fresh PostgreSQL database per test (a clear panic, never a skip,
-//! when PostgreSQL is down), the test Redis's URL, and a private `redis-server` a test may kill.
+//! What the services' integration tests, the load test and the benches share, so each
+//! backend is reached, each token minted and each error checked the same way, compiled once.
+//!
+//! # Layout
+//! - this file: a fresh PostgreSQL database per test and the test Redis (a clear panic,
+//!   never a skip, when either is down), and a private `redis-server` a test may kill.
+//! - [`access_token`]: access tokens signed with the fixture keys, as the gateway issues them.
+//! - [`problem_json`]: the assertion on an `application/problem+json` response.
+//! - [`free_port`]: a loopback port nothing listens on.
+//! - [`polling`]: waiting, with a deadline, for a condition to hold.
+
+pub mod access_token;
+pub mod free_port;
+pub mod polling;
+pub mod problem_json;
 
 use std::{
     process::{Child, Command, Stdio},
@@ -19,6 +31,28 @@ pub fn test_database_url() -> String {
 /// The Redis tests share (`TEST_REDIS_URL`, else the local one).
 pub fn test_redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The shared test Redis's URL once it answers `PING`; panics saying how to start it when it
+/// does not, so a test or bench fails with instructions instead of deep in a Redis error.
+pub async fn require_redis() -> String {
+    let url = test_redis_url();
+    let reachable = async {
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    if let Err(error) = tokio::time::timeout(Duration::from_secs(3), reachable)
+        .await
+        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
+    {
+        panic!(
+            "Redis is not reachable at {url} ({error}). Start it with \
+             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
+             at a running server (scripts/test does both)."
+        );
+    }
+    url
 }
 
 /// A new, empty database named `{label}_{uuid}` for one test; its URL. Panics saying how to

@@ -13,7 +13,6 @@
 //! - `window.rs`: the algorithm as pure integer arithmetic; `sliding_window.lua` is the same
 //!   for Redis.
 //! - `local.rs`: the in-process limiter. `redis.rs`: the shared one.
-//! - [`gcra`]: the GCRA script ADR 0006 compares against; not used to decide.
 
 mod clock;
 mod local;
@@ -40,14 +39,6 @@ use serde::{Deserialize, Deserializer, de::Error as _};
 pub use clock::{Clock, ManualClock, SystemClock};
 
 use self::{clock::micros, local::LocalLimiter, redis::RedisWindow, window::Verdict};
-
-/// The GCRA script measured against the sliding window in ADR 0006 (benches and tests).
-pub mod gcra {
-    /// GCRA as one Lua script with the same arguments and reply as the production script:
-    /// `KEYS[1]`, `ARGV = now µs, window µs, limit`, reply `{allowed, remaining, reset µs,
-    /// retry_after µs or -1}`.
-    pub const SCRIPT: &str = include_str!("gcra.lua");
-}
 
 /// The production decision script, for benches that call it directly.
 pub const SLIDING_WINDOW_SCRIPT: &str = redis::SLIDING_WINDOW_SCRIPT;

@@ -103,22 +103,19 @@ pub fn set_identity(headers: &mut HeaderMap, subject: &str, roles: &[String]) ->
 /// Sets `X-Request-Id`: the current request's id (from the gateway's request context), else a
 /// safe id the client sent, else a new UUIDv7.
 pub fn set_request_id(headers: &mut HeaderMap) {
-    let id = common::http::request_id::current()
+    let id = common::request_id::current()
         .and_then(|id| HeaderValue::try_from(id).ok())
         .or_else(|| {
             headers
-                .get(&common::http::X_REQUEST_ID)
-                .filter(|v| {
-                    v.to_str()
-                        .is_ok_and(common::http::request_id::accept_client_id)
-                })
+                .get(&common::request_id::X_REQUEST_ID)
+                .filter(|v| v.to_str().is_ok_and(common::request_id::accept_client_id))
                 .cloned()
         })
         .unwrap_or_else(|| {
-            HeaderValue::try_from(common::http::request_id::new())
+            HeaderValue::try_from(common::request_id::new())
                 .expect("a UUID is a valid header value")
         });
-    headers.insert(common::http::X_REQUEST_ID.clone(), id);
+    headers.insert(common::request_id::X_REQUEST_ID.clone(), id);
 }
 
 /// Sets `traceparent`: a valid incoming one keeps its trace id and flags and gets a new parent

@@ -4,8 +4,10 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::*;
 use sqlx::Connection;
+use test_support::polling::poll_until;
+
+use crate::helpers::*;
 
 #[tokio::test]
 async fn login_issues_an_access_token_that_verifies_through_the_jwks() {
@@ -214,13 +216,31 @@ async fn concurrent_refreshes_of_one_token_have_exactly_one_winner() {
 
 /// A logout that runs while a refresh of the same family is issuing its successor revokes
 /// the successor too: whichever finishes first, no token of the family is live afterwards.
-/// Each round races one refresh against one logout of a fresh family; a logout that saw only
-/// the rows committed when it started would miss the successor in some of them.
+/// A logout that saw only the rows committed when it started would miss the successor.
+///
+/// Two rounds arrange the race so that it happens for certain: the refresh is inside its
+/// transaction, holding the family, when the logout arrives, and the other way round. Forty
+/// more rounds send both at once and let them fall as they may.
 #[tokio::test]
 async fn a_logout_racing_a_refresh_leaves_no_live_token_in_the_family() {
     let app = spawn_app_with(|_, config| config.limits.auth_ip.limit = 10_000).await;
     app.add_user("ann", "correct horse battery", &[]).await;
     let (mut refreshed, mut refused) = (0, 0);
+
+    // The race the test is about: the logout waits for the refresh's successor, then revokes it.
+    let (refresh, logout) = arranged_race(&app, First::Refresh).await;
+    assert_eq!(logout.status(), 204);
+    assert_eq!(refresh.status(), 200, "the refresh went first");
+    let body: Value = refresh.json().await.unwrap();
+    let next = body["refresh_token"].as_str().unwrap();
+    problem(app.refresh(next).await, 401, None).await;
+    refreshed += 1;
+    // And the other way: the refresh waits for the logout, then finds the family revoked.
+    let (refresh, logout) = arranged_race(&app, First::Logout).await;
+    assert_eq!(logout.status(), 204);
+    problem(refresh, 401, None).await;
+    refused += 1;
+
     for round in 0..40 {
         let pair = app.login_ok("ann", "correct horse battery").await;
         let token = pair["refresh_token"].as_str().unwrap().to_owned();
@@ -239,6 +259,83 @@ async fn a_logout_racing_a_refresh_leaves_no_live_token_in_the_family() {
         }
     }
     println!("{refreshed} refreshes finished first, {refused} logouts did");
+}
+
+/// Which request of an arranged race reaches the family first.
+#[derive(Clone, Copy, Debug)]
+enum First {
+    Refresh,
+    Logout,
+}
+
+/// Logs in, then sends a refresh and a logout of the new token so that `first` is inside its
+/// transaction, holding the family lock, while the other waits for that lock; their answers
+/// (refresh, logout).
+///
+/// How: a transaction of the test's own locks the family's token row. The request sent first
+/// takes the family lock and stops at its write of that row; once the database shows it
+/// waiting there, the second is sent, and once it shows that one waiting for the family lock,
+/// the test's transaction ends and the two go on in that order.
+async fn arranged_race(app: &TestApp, first: First) -> (reqwest::Response, reqwest::Response) {
+    let pair = app.login_ok("ann", "correct horse battery").await;
+    let body = json!({ "refresh_token": pair["refresh_token"] });
+    let mut holder = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut observer = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let mut hold = holder.begin().await.unwrap();
+    // Every earlier family was revoked by its logout: the live row is the new token's.
+    let locked = sqlx::query("SELECT id FROM refresh_tokens WHERE revoked_at IS NULL FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 1, "one live refresh token");
+
+    let send = |path: &str| {
+        app.client
+            .post(format!("{}{path}", app.address))
+            .json(&body)
+            .send()
+    };
+    let (first_path, second_path) = match first {
+        First::Refresh => ("/auth/refresh", "/auth/logout"),
+        First::Logout => ("/auth/logout", "/auth/refresh"),
+    };
+    let first_call = tokio::spawn(send(first_path));
+    wait_for_lock_waiter(&mut observer, "%UPDATE refresh_tokens%").await;
+    let second_call = tokio::spawn(send(second_path));
+    wait_for_lock_waiter(&mut observer, "%pg_advisory_xact_lock%").await;
+    hold.commit().await.unwrap();
+    let first_response = first_call.await.unwrap().unwrap();
+    let second_response = second_call.await.unwrap().unwrap();
+    match first {
+        First::Refresh => (first_response, second_response),
+        First::Logout => (second_response, first_response),
+    }
+}
+
+/// Waits until a session of this test's database waits for a lock in a statement matching
+/// `statement` (a `LIKE` pattern).
+async fn wait_for_lock_waiter(observer: &mut sqlx::PgConnection, statement: &str) {
+    poll_until(
+        &format!("a session waiting for a lock in {statement}"),
+        Duration::from_secs(10),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE $1",
+            )
+            .bind(statement)
+            .fetch_one(&mut *observer)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use test_support::free_port::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::*;
@@ -34,36 +35,12 @@ async fn every_bad_credential_gets_401_with_a_challenge_and_nothing_reaches_upst
     let public = include_bytes!("../../../common/tests/fixtures/ed25519-public.pem");
     let hs = common::auth::Signer::hs256_secret("test", public)
         .unwrap()
-        .sign(&common::auth::Claims {
-            sub: USER.into(),
-            roles: vec!["admin".into()],
-            groups: vec![],
-            iss: "api-gateway".into(),
-            aud: "backend-suite".into(),
-            exp: chrono::Utc::now().timestamp() + 600,
-            iat: chrono::Utc::now().timestamp(),
-            nbf: None,
-            jti: "x".into(),
-        })
+        .sign(AccessToken::new(USER, &["admin"]).jti("x").claims())
         .unwrap();
-    let unknown_kid = {
-        let pem = include_bytes!("../../../common/tests/fixtures/ed25519-private.pem");
-        let now = chrono::Utc::now().timestamp();
-        common::auth::Signer::ed25519_pem("other-kid", pem)
-            .unwrap()
-            .sign(&common::auth::Claims {
-                sub: USER.into(),
-                roles: vec!["user".into()],
-                groups: vec![],
-                iss: "api-gateway".into(),
-                aud: "backend-suite".into(),
-                exp: now + 600,
-                iat: now,
-                nbf: None,
-                jti: "y".into(),
-            })
-            .unwrap()
-    };
+    let unknown_kid = AccessToken::new(USER, &["user"])
+        .key_id("other-kid")
+        .jti("y")
+        .sign();
     let tampered = format!("{}x", &good[..good.len() - 1]);
     let cases: Vec<(&str, Option<String>)> = vec![
         ("no credentials", None),
@@ -327,9 +304,7 @@ async fn a_route_with_its_own_quota_counts_apart() {
 
 #[tokio::test]
 async fn with_redis_down_and_the_closed_policy_requests_get_503_until_the_next_probe() {
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("redis://{}", dead.local_addr().unwrap());
-    drop(dead);
+    let url = format!("redis://127.0.0.1:{}", free_port());
     let app = spawn_app_with(|settings, _| {
         settings.redis_url = Some(url.into());
         settings.rate_limit_redis_down = api_gateway::limiter::RedisDownPolicy::Closed;

@@ -10,36 +10,17 @@ use axum::{
     extract::{ConnectInfo, Request},
     routing::any,
 };
-use common::auth::{Claims, Signer};
+use common::auth::Claims;
 use serde_json::{Value, json};
-use uuid::Uuid;
-
-pub use test_support::{test_database_url, test_redis_url};
+pub use test_support::{
+    access_token::{AccessToken, access_token},
+    problem_json::problem,
+    require_redis, test_database_url, test_redis_url,
+};
 
 /// A new, empty database for one test; its URL.
 pub async fn fresh_database() -> String {
     test_support::fresh_database("gateway_test").await
-}
-
-/// The shared test Redis's URL; fails the test with instructions when it does not answer.
-pub async fn require_redis() -> String {
-    let url = test_redis_url();
-    let reachable = async {
-        let client = redis::Client::open(url.as_str())?;
-        let mut conn = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING").query_async::<String>(&mut conn).await
-    };
-    if let Err(error) = tokio::time::timeout(std::time::Duration::from_secs(3), reachable)
-        .await
-        .unwrap_or_else(|_| Err((redis::ErrorKind::Io, "timed out").into()))
-    {
-        panic!(
-            "Redis is not reachable at {url} ({error}). Start it with \
-             `redis-server --daemonize yes --save '' --appendonly no`, or point TEST_REDIS_URL \
-             at a running server (scripts/test does both)."
-        );
-    }
-    url
 }
 
 pub struct TestApp {
@@ -133,29 +114,12 @@ pub async fn spawn_echo_upstream() -> String {
 
 /// An access token signed with the fixture key the test gateway trusts.
 pub fn token_for(sub: &str, roles: &[&str]) -> String {
-    token_with(sub, roles, |_| {})
+    access_token(sub, roles)
 }
 
 /// A token whose claims `change` may alter first.
 pub fn token_with(sub: &str, roles: &[&str], change: impl FnOnce(&mut Claims)) -> String {
-    let now = chrono::Utc::now().timestamp();
-    let mut claims = Claims {
-        sub: sub.into(),
-        roles: roles.iter().map(|r| r.to_string()).collect(),
-        groups: vec![],
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 600,
-        iat: now,
-        nbf: None,
-        jti: Uuid::now_v7().to_string(),
-    };
-    change(&mut claims);
-    let pem = include_bytes!("../../../common/tests/fixtures/ed25519-private.pem");
-    Signer::ed25519_pem("test", pem)
-        .unwrap()
-        .sign(&claims)
-        .unwrap()
+    AccessToken::new(sub, roles).with_claims(change).sign()
 }
 
 impl TestApp {
@@ -226,21 +190,6 @@ impl TestApp {
         self.post("/auth/refresh", &json!({ "refresh_token": token }))
             .await
     }
-}
-
-/// Asserts a problem+json response with `status` and, when given, `field`.
-pub async fn problem(response: reqwest::Response, status: u16, field: Option<&str>) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], status);
-    if let Some(field) = field {
-        assert_eq!(body["field"], field, "{body}");
-    }
-    body
 }
 
 /// The values of header `name` an echo upstream says it received.

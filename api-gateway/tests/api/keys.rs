@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use test_support::free_port::free_port;
 
 use crate::helpers::*;
 
@@ -325,11 +326,7 @@ async fn wait_for_metric(app: &TestApp, line: &str) {
 
 #[tokio::test]
 async fn a_revocation_missed_while_redis_was_down_applies_when_the_replica_subscribes_again() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut redis = test_support::PrivateRedis::start(port);
     let prefix = format!("gw-test:{}:", uuid::Uuid::now_v7().simple());
     let replica = |url: String, prefix: String| {
@@ -365,11 +362,7 @@ async fn a_revocation_missed_while_redis_was_down_applies_when_the_replica_subsc
 
 #[tokio::test]
 async fn a_subscription_that_stops_answering_is_dropped_and_made_again() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let redis = test_support::PrivateRedis::start(port);
     let url = redis.url();
     let app = spawn_app_with(move |settings, _| {

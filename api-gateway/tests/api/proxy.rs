@@ -29,6 +29,7 @@ use common::http::{ServeOptions, request_context, serve};
 use futures_util::{SinkExt, StreamExt};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
+use test_support::polling::poll_until;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -36,7 +37,7 @@ use tokio::{
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::header_values;
+use crate::helpers::{header_values, problem};
 
 const SERVE: ServeOptions = ServeOptions {
     grace: Duration::from_secs(1),
@@ -325,18 +326,6 @@ fn settings(name: &str, targets: Vec<String>) -> UpstreamSettings {
     settings.health_interval = Duration::from_secs(3600);
     settings.timeout = Duration::from_secs(5);
     settings
-}
-
-/// Asserts a problem+json answer with `status`; its body.
-async fn expect_problem(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], status, "{body}");
-    body
 }
 
 // ---------------------------------------------------------------------------------------
@@ -645,8 +634,8 @@ async fn the_breaker_opens_answers_503_without_the_upstream_then_closes_on_recov
 
     let response = gateway.get_as("alice", "/api/orders/x").await;
     assert_eq!(response.headers()["retry-after"], "1");
-    let problem = expect_problem(response, 503).await;
-    assert_eq!(problem["detail"], "upstream orders unavailable");
+    let body = problem(response, 503, None).await;
+    assert_eq!(body["detail"], "upstream orders unavailable");
     assert_eq!(
         upstream.hits(),
         3,
@@ -654,8 +643,12 @@ async fn the_breaker_opens_answers_503_without_the_upstream_then_closes_on_recov
     );
 
     upstream.set_mode(MODE_OK);
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert!(gateway.proxy.available("orders"));
+    poll_until(
+        "the breaker to let a probe through once open_for passed",
+        Duration::from_secs(5),
+        async || gateway.proxy.available("orders").then_some(()),
+    )
+    .await;
     let response = gateway.get_as("alice", "/api/orders/x").await;
     assert_eq!(response.status(), 200, "the half-open probe goes through");
     assert_eq!(upstream.hits(), 4);
@@ -670,8 +663,8 @@ async fn a_slow_upstream_gets_a_504() {
     config.timeout = Duration::from_millis(200);
     let gateway = spawn_gateway(vec![config]).await;
 
-    let problem = expect_problem(gateway.get_as("alice", "/api/orders/slow").await, 504).await;
-    assert_eq!(problem["detail"], "upstream orders unavailable");
+    let body = problem(gateway.get_as("alice", "/api/orders/slow").await, 504, None).await;
+    assert_eq!(body["detail"], "upstream orders unavailable");
     assert_eq!(
         gateway.metric("api_gateway_upstream_errors_total{upstream=\"orders\",kind=\"timeout\"}"),
         Some(1.0)
@@ -709,8 +702,8 @@ async fn get_is_retried_on_another_target_and_post_is_not() {
         match response.status().as_u16() {
             200 => ok += 1,
             502 => {
-                let problem = expect_problem(response, 502).await;
-                assert_eq!(problem["detail"], "upstream orders unavailable");
+                let body = problem(response, 502, None).await;
+                assert_eq!(body["detail"], "upstream orders unavailable");
                 bad_gateway += 1;
             }
             other => panic!("unexpected {other}"),
@@ -732,7 +725,7 @@ async fn every_target_down_answers_502_then_503_once_breakers_open() {
     config.breaker.open_for = Duration::from_secs(30);
     let gateway = spawn_gateway(vec![config]).await;
 
-    expect_problem(gateway.get_as("alice", "/api/orders/x").await, 502).await;
+    problem(gateway.get_as("alice", "/api/orders/x").await, 502, None).await;
     let response = gateway.get_as("alice", "/api/orders/x").await;
     let retry_after: u32 = response.headers()["retry-after"]
         .to_str()
@@ -740,7 +733,7 @@ async fn every_target_down_answers_502_then_503_once_breakers_open() {
         .parse()
         .unwrap();
     assert!((29..=30).contains(&retry_after), "{retry_after}");
-    expect_problem(response, 503).await;
+    problem(response, 503, None).await;
     assert!(!gateway.proxy.available("orders"));
 }
 
@@ -843,7 +836,7 @@ async fn a_slow_upload_is_not_the_upstreams_fault_and_a_stalled_one_gets_408() {
 
     // A target that takes too long after the whole body is in is still timed out.
     let response = gateway.get_as("alice", "/api/orders/slow").await;
-    expect_problem(response, 504).await;
+    problem(response, 504, None).await;
     assert_eq!(gateway.metric(timeouts), Some(1.0));
 }
 
@@ -864,7 +857,7 @@ async fn bodies_past_the_limit_get_413_by_length_and_by_stream() {
         .send()
         .await
         .unwrap();
-    expect_problem(response, 413).await;
+    problem(response, 413, None).await;
     assert_eq!(
         a.hits() + b.hits(),
         0,

@@ -110,14 +110,7 @@ impl TestApp {
 
 /// Reads a problem+json body, checking the media type and the members every problem has.
 pub async fn problem(response: reqwest::Response, status: u16) -> Value {
-    assert_eq!(response.status().as_u16(), status, "unexpected status");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(content_type, "application/problem+json");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], status);
+    let body = test_support::problem_json::problem(response, status, None).await;
     assert!(
         body["type"].as_str().unwrap().starts_with("urn:problem:"),
         "{body}"

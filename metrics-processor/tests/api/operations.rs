@@ -1,6 +1,13 @@
 //! Probes, metrics, request ids and unknown routes.
 
+use std::time::Duration;
+
+use test_support::polling::poll_until;
+
 use crate::helpers::{event, problem, spawn_app};
+
+/// How long a test waits for the service to get where it should.
+const WAIT: Duration = Duration::from_secs(5);
 
 #[tokio::test]
 async fn health_and_readiness_answer() {
@@ -165,11 +172,17 @@ async fn readiness_fails_before_the_listener_closes() {
     .await;
     assert_eq!(app.get("/readyz").await.status(), 200);
     app.begin_shutdown();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let not_ready = poll_until("/readyz to fail once shutdown began", WAIT, async || {
+        let response = app.get("/readyz").await;
+        (response.status() == 503).then_some(response)
+    })
+    .await;
     // Not ready, but still serving everything else.
-    problem(app.get("/readyz").await, 503).await;
+    problem(not_ready, 503).await;
     assert_eq!(app.post_event(&event("u", "t", 1.0)).await.status(), 202);
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let refused = app.client.get(app.url("/healthz")).send().await;
-    assert!(refused.is_err(), "the listener is closed after the delay");
+    poll_until("the listener to close after the delay", WAIT, async || {
+        let refused = app.client.get(app.url("/healthz")).send().await;
+        refused.is_err().then_some(())
+    })
+    .await;
 }

@@ -10,37 +10,40 @@ use crate::helpers::*;
 #[tokio::test]
 async fn a_connection_without_a_valid_token_gets_401_and_no_upgrade() {
     let app = spawn_app(Engine::Memory).await;
-    let mut expired = claims("alice", &[]);
-    expired.exp = chrono::Utc::now().timestamp() - 120;
+    let now = chrono::Utc::now().timestamp();
+    let expired = AccessToken::new("alice", &[])
+        .with_claims(|c| c.exp = now - 120)
+        .sign();
     // Inside the verifier's clock leeway, but expired: it would be closed with 4001 at once.
-    let mut just_expired = claims("alice", &[]);
-    just_expired.exp = chrono::Utc::now().timestamp() - 5;
-    let mut wrong_audience = claims("alice", &[]);
-    wrong_audience.aud = "someone-else".into();
-    let mut wrong_issuer = claims("alice", &[]);
-    wrong_issuer.iss = "mallory".into();
+    let just_expired = AccessToken::new("alice", &[])
+        .with_claims(|c| c.exp = now - 5)
+        .sign();
+    let wrong_audience = AccessToken::new("alice", &[])
+        .with_claims(|c| c.aud = "someone-else".into())
+        .sign();
+    let wrong_issuer = AccessToken::new("alice", &[])
+        .with_claims(|c| c.iss = "mallory".into())
+        .sign();
+    let other_key = AccessToken::new("alice", &[])
+        .signed_with(FixtureKey::Untrusted)
+        .sign();
     let unsigned = {
         // alg "none" with the claims of a valid token and no signature.
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let header = b64.encode(r#"{"alg":"none","typ":"JWT","kid":"test"}"#);
-        let body = b64.encode(serde_json::to_vec(&claims("alice", &["admin"])).unwrap());
+        let body =
+            b64.encode(serde_json::to_vec(AccessToken::new("alice", &["admin"]).claims()).unwrap());
         format!("{header}.{body}.")
     };
     let cases = [
         ("no token", String::new()),
         ("garbage", "?token=not.a.jwt".into()),
-        ("expired", format!("?token={}", sign(&expired))),
-        ("just expired", format!("?token={}", sign(&just_expired))),
-        (
-            "other key",
-            format!("?token={}", sign_with_other_key(&claims("alice", &[]))),
-        ),
-        (
-            "wrong audience",
-            format!("?token={}", sign(&wrong_audience)),
-        ),
-        ("wrong issuer", format!("?token={}", sign(&wrong_issuer))),
+        ("expired", format!("?token={expired}")),
+        ("just expired", format!("?token={just_expired}")),
+        ("other key", format!("?token={other_key}")),
+        ("wrong audience", format!("?token={wrong_audience}")),
+        ("wrong issuer", format!("?token={wrong_issuer}")),
         ("alg none", format!("?token={unsigned}")),
         ("huge", format!("?token={}", "a".repeat(9_000))),
     ];
@@ -65,7 +68,7 @@ async fn a_connection_without_a_valid_token_gets_401_and_no_upgrade() {
 async fn a_token_in_the_authorization_header_is_accepted() {
     let app = spawn_app(Engine::Memory).await;
     let mut client = app
-        .try_connect("", Some(&format!("Bearer {}", token("alice", &[]))))
+        .try_connect("", Some(&format!("Bearer {}", access_token("alice", &[]))))
         .await
         .expect("refused");
     let welcome = client.next_json().await;
@@ -76,10 +79,10 @@ async fn a_token_in_the_authorization_header_is_accepted() {
 #[tokio::test]
 async fn a_plain_get_with_a_valid_token_gets_426() {
     let app = spawn_app(Engine::Memory).await;
-    let response = app.get("/v1/ws", Some(&token("alice", &[]))).await;
+    let response = app.get("/v1/ws", Some(&access_token("alice", &[]))).await;
     problem(response, 426, None).await;
     let response = app
-        .get("/v1/ws?last_id=nope", Some(&token("alice", &[])))
+        .get("/v1/ws?last_id=nope", Some(&access_token("alice", &[])))
         .await;
     problem(response, 400, None).await;
 }
@@ -87,9 +90,10 @@ async fn a_plain_get_with_a_valid_token_gets_426() {
 #[tokio::test]
 async fn the_connection_closes_with_4001_when_the_token_expires() {
     let app = spawn_app(Engine::Memory).await;
-    let mut short = claims("alice", &[]);
-    short.exp = chrono::Utc::now().timestamp() + 2;
-    let mut client = app.connect_with(&format!("?token={}", sign(&short))).await;
+    let short = AccessToken::new("alice", &[])
+        .with_claims(|c| c.exp = chrono::Utc::now().timestamp() + 2)
+        .sign();
+    let mut client = app.connect_with(&format!("?token={short}")).await;
     let started = std::time::Instant::now();
     let code = match client.next_within(Duration::from_secs(6)).await {
         Some(Next::Closed(code)) => code,
@@ -117,13 +121,17 @@ async fn http_endpoints_need_a_token_and_the_right_role() {
     let response = app
         .post(
             "/v1/notifications",
-            Some(&sign_with_other_key(&claims("x", &["sender"]))),
+            Some(
+                &AccessToken::new("x", &["sender"])
+                    .signed_with(FixtureKey::Untrusted)
+                    .sign(),
+            ),
             &body,
         )
         .await;
     problem(response, 401, None).await;
 
-    let plain_user = token("alice", &[]);
+    let plain_user = access_token("alice", &[]);
     let response = app
         .post("/v1/notifications", Some(&plain_user), &body)
         .await;
@@ -139,7 +147,10 @@ async fn http_endpoints_need_a_token_and_the_right_role() {
     let response = app.put("/v1/groups/g/members/alice", &plain_user).await;
     problem(response, 403, None).await;
     let response = app
-        .put("/v1/groups/g/members/alice", &token("s", &["sender"]))
+        .put(
+            "/v1/groups/g/members/alice",
+            &access_token("s", &["sender"]),
+        )
         .await;
     problem(response, 403, None).await;
 
@@ -150,13 +161,16 @@ async fn http_endpoints_need_a_token_and_the_right_role() {
         .await;
     problem(response, 403, None).await;
     let response = app
-        .get("/v1/users/bob/notifications", Some(&token("bob", &[])))
+        .get(
+            "/v1/users/bob/notifications",
+            Some(&access_token("bob", &[])),
+        )
         .await;
     assert_eq!(response.status(), 200);
     let response = app
         .get(
             "/v1/users/bob/notifications",
-            Some(&token("helpdesk", &["support"])),
+            Some(&access_token("helpdesk", &["support"])),
         )
         .await;
     assert_eq!(response.status(), 200);

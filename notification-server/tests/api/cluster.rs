@@ -2,12 +2,11 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use test_support::PrivateRedis;
+use test_support::{PrivateRedis, free_port::free_port};
 
 use crate::helpers::*;
 
@@ -102,11 +101,7 @@ async fn a_notification_accepted_by_one_node_reaches_connections_on_every_node()
 
 #[tokio::test]
 async fn when_redis_drops_clients_are_told_to_resync_and_recover_what_they_missed() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut redis = PrivateRedis::start(port);
     let database = fresh_database().await;
     let prefix = fresh_prefix();

@@ -36,7 +36,7 @@ async fn a_group_broadcast_reaches_current_members_only() {
         app.join("team", "alice").await;
         app.join("team", "bob").await;
         app.join("team", "carol").await;
-        let admin = token("root", &["admin"]);
+        let admin = access_token("root", &["admin"]);
         assert_eq!(
             app.delete("/v1/groups/team/members/carol", &admin)
                 .await
@@ -55,7 +55,10 @@ async fn a_group_broadcast_reaches_current_members_only() {
 
         // Carol's history does not have it; Alice's does.
         let history: Value = app
-            .get("/v1/users/carol/notifications", Some(&token("carol", &[])))
+            .get(
+                "/v1/users/carol/notifications",
+                Some(&access_token("carol", &[])),
+            )
             .await
             .json()
             .await
@@ -74,7 +77,7 @@ async fn history_pages_newest_first_with_a_cursor() {
         for i in 0..7 {
             ids.push(app.send(&["dave"], &format!("n{i}")).await);
         }
-        let dave = token("dave", &[]);
+        let dave = access_token("dave", &[]);
         let mut seen = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
@@ -218,8 +221,8 @@ async fn recovery_says_when_it_was_cut_short() {
 async fn group_history_follows_membership_over_time() {
     for engine in ENGINES {
         let app = spawn_app(engine).await;
-        let admin = token("root", &["admin"]);
-        let ivy = token("ivy", &[]);
+        let admin = access_token("root", &["admin"]);
+        let ivy = access_token("ivy", &[]);
         let titles = |page: Value| -> Vec<String> {
             page["notifications"]
                 .as_array()
@@ -255,7 +258,10 @@ async fn group_history_follows_membership_over_time() {
             "{engine:?}"
         );
         let page: Value = app
-            .get("/v1/users/jon/notifications", Some(&token("jon", &[])))
+            .get(
+                "/v1/users/jon/notifications",
+                Some(&access_token("jon", &[])),
+            )
             .await
             .json()
             .await

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use serde_json::json;
+use test_support::polling::poll_until;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::helpers::*;
@@ -110,7 +111,7 @@ async fn a_client_that_does_not_read_is_cut_off_and_others_get_everything() {
 
     // ~4 KB per frame: enough of them fill the socket buffers, then the slow queue.
     let big = "x".repeat(3_900);
-    let sender = token("s", &["sender"]);
+    let sender = access_token("s", &["sender"]);
     let mut sent = 0;
     let reader = tokio::spawn(async move {
         let mut count = 0;
@@ -160,8 +161,21 @@ async fn a_peer_that_stops_answering_pings_is_closed_with_4002() {
     })
     .await;
     let mut client = app.connect("alice").await;
-    // Not reading means not answering the server's ping (the client answers when it reads).
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    // Not reading means not answering the server's ping (the client answers when it reads):
+    // read only once the server has given up on the connection.
+    poll_until(
+        "the server to close the silent peer",
+        WAIT * 2,
+        async || {
+            let metrics = app.get("/metrics", None).await.text().await.unwrap();
+            metrics
+                .contains(
+                    r#"notification_server_connections_closed_total{reason="heartbeat_timeout"} 1"#,
+                )
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(client.expect_close().await, Some(4002));
 
     // A client that reads (and so answers pings) stays.

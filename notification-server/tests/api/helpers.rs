@@ -1,9 +1,8 @@
-//! Spawning the real service (memory or PostgreSQL, one node or several over Redis), minting
-//! tokens, and a WebSocket client that speaks the protocol.
+//! Spawning the real service (memory or PostgreSQL, one node or several over Redis), and a
+//! WebSocket client that speaks the protocol. Tokens come from `test_support::access_token`.
 
 use std::time::Duration;
 
-use common::auth::{Claims, Signer};
 use futures_util::{SinkExt, StreamExt};
 use notification_server::{settings::Settings, startup::Application};
 use serde_json::{Value, json};
@@ -32,7 +31,11 @@ pub enum Engine {
 /// Both engines, for tests that must behave the same on each.
 pub const ENGINES: [Engine; 2] = [Engine::Memory, Engine::Postgres];
 
-pub use test_support::{test_database_url, test_redis_url};
+pub use test_support::{
+    access_token::{AccessToken, FixtureKey, access_token},
+    problem_json::problem,
+    test_database_url, test_redis_url,
+};
 
 /// A new, empty database for one test; its URL.
 pub async fn fresh_database() -> String {
@@ -88,51 +91,6 @@ pub async fn spawn_with_settings(settings: Settings) -> TestApp {
         shutdown: Some(shutdown),
         stopped: Some(stopped),
     }
-}
-
-/// Claims valid for ten minutes.
-pub fn claims(sub: &str, roles: &[&str]) -> Claims {
-    let now = chrono::Utc::now().timestamp();
-    Claims {
-        sub: sub.into(),
-        roles: roles.iter().map(|r| r.to_string()).collect(),
-        groups: Vec::new(),
-        iss: "api-gateway".into(),
-        aud: "backend-suite".into(),
-        exp: now + 600,
-        iat: now,
-        nbf: None,
-        jti: Uuid::now_v7().to_string(),
-    }
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = format!(
-        "{}/../common/tests/fixtures/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
-}
-
-/// Signs `claims` with the key the test service trusts (kid `test`).
-pub fn sign(claims: &Claims) -> String {
-    Signer::ed25519_pem("test", &fixture("ed25519-private.pem"))
-        .unwrap()
-        .sign(claims)
-        .unwrap()
-}
-
-/// Signs `claims` with a key the service does not trust, under the trusted kid.
-pub fn sign_with_other_key(claims: &Claims) -> String {
-    Signer::ed25519_pem("test", &fixture("ed25519-other-private.pem"))
-        .unwrap()
-        .sign(claims)
-        .unwrap()
-}
-
-/// A valid token for `sub` with `roles`.
-pub fn token(sub: &str, roles: &[&str]) -> String {
-    sign(&claims(sub, roles))
 }
 
 /// A notification body.
@@ -213,7 +171,7 @@ impl TestApp {
         let response = self
             .post(
                 "/v1/notifications",
-                Some(&token("sender-1", &["sender"])),
+                Some(&access_token("sender-1", &["sender"])),
                 &body,
             )
             .await;
@@ -227,7 +185,7 @@ impl TestApp {
         let response = self
             .post(
                 &format!("/v1/groups/{group}/notifications"),
-                Some(&token("sender-1", &["sender"])),
+                Some(&access_token("sender-1", &["sender"])),
                 &content(title),
             )
             .await;
@@ -243,7 +201,7 @@ impl TestApp {
         let response = self
             .put(
                 &format!("/v1/groups/{group}/members/{user}"),
-                &token("root", &["admin"]),
+                &access_token("root", &["admin"]),
             )
             .await;
         assert!(response.status().is_success(), "{}", response.status());
@@ -251,14 +209,17 @@ impl TestApp {
 
     /// Connects as `user` with the token in the query; waits for the welcome frame.
     pub async fn connect(&self, user: &str) -> WsClient {
-        self.connect_with(&format!("?token={}", token(user, &[])))
+        self.connect_with(&format!("?token={}", access_token(user, &[])))
             .await
     }
 
     /// Connects as `user`, recovering after `last_id`.
     pub async fn reconnect(&self, user: &str, last_id: &str) -> WsClient {
-        self.connect_with(&format!("?token={}&last_id={last_id}", token(user, &[])))
-            .await
+        self.connect_with(&format!(
+            "?token={}&last_id={last_id}",
+            access_token(user, &[])
+        ))
+        .await
     }
 
     pub async fn connect_with(&self, query: &str) -> WsClient {
@@ -385,19 +346,4 @@ impl WsClient {
             }))
             .await;
     }
-}
-
-/// Asserts a problem+json response with `status` and, when given, `field`.
-pub async fn problem(response: reqwest::Response, status: u16, field: Option<&str>) -> Value {
-    assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["status"], status);
-    if let Some(field) = field {
-        assert_eq!(body["field"], field, "{body}");
-    }
-    body
 }

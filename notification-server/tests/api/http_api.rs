@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use crate::helpers::*;
 
 fn sender() -> String {
-    token("s", &["sender"])
+    access_token("s", &["sender"])
 }
 
 #[tokio::test]
@@ -91,7 +91,10 @@ async fn send_refuses_bad_bodies_naming_the_field() {
 
     // Nothing was stored by any of it.
     let history: Value = app
-        .get("/v1/users/bob/notifications", Some(&token("bob", &[])))
+        .get(
+            "/v1/users/bob/notifications",
+            Some(&access_token("bob", &[])),
+        )
         .await
         .json()
         .await
@@ -122,7 +125,7 @@ async fn send_refuses_bad_bodies_naming_the_field() {
 #[tokio::test]
 async fn broadcast_and_membership_refuse_bad_ids() {
     let app = spawn_app(Engine::Memory).await;
-    let admin = token("root", &["admin"]);
+    let admin = access_token("root", &["admin"]);
     let long = "g".repeat(129);
     let response = app
         .post(
@@ -181,7 +184,7 @@ async fn broadcast_and_membership_refuse_bad_ids() {
 #[tokio::test]
 async fn history_refuses_bad_paging() {
     let app = spawn_app(Engine::Memory).await;
-    let bob = token("bob", &[]);
+    let bob = access_token("bob", &[]);
     for (query, status, field) in [
         ("?limit=0", 422, Some("limit")),
         ("?limit=101", 422, Some("limit")),

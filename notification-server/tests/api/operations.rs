@@ -69,7 +69,11 @@ async fn when_postgresql_goes_away_sends_get_503_and_readiness_fails() {
     let mut body = content("after");
     body["user_ids"] = serde_json::json!(["alice"]);
     let response = app
-        .post("/v1/notifications", Some(&token("s", &["sender"])), &body)
+        .post(
+            "/v1/notifications",
+            Some(&access_token("s", &["sender"])),
+            &body,
+        )
         .await;
     let problem = problem(response, 503, None).await;
     assert_eq!(problem["type"], "urn:problem:unavailable");
@@ -101,7 +105,10 @@ async fn shutdown_closes_every_websocket_with_1001_and_keeps_what_was_persisted(
     settings.database_url = Some(url.into());
     let app = spawn_with_settings(settings).await;
     let history: Value = app
-        .get("/v1/users/user0/notifications", Some(&token("user0", &[])))
+        .get(
+            "/v1/users/user0/notifications",
+            Some(&access_token("user0", &[])),
+        )
         .await
         .json()
         .await

@@ -1,5 +1,6 @@
--- GCRA (generic cell rate algorithm), kept only for ADR 0006's comparison: the benches and
--- tests measure it next to sliding_window.lua; the limiter does not use it.
+-- GCRA (generic cell rate algorithm), the alternative ADR 0006 weighed and turned down:
+-- benches/benches/rate_limit_algorithms.rs measures it next to the gateway's
+-- sliding_window.lua, with the same arguments. The gateway does not use it.
 --
 -- KEYS[1]  string: the theoretical arrival time (TAT), microseconds
 -- ARGV     now us, window us, limit
