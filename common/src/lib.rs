@@ -10,11 +10,18 @@
 //!   shedding) and [`http::serve`], which runs a router until a shutdown future fires and a
 //!   grace period ends.
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
+//! - [`storable`]: text and JSON proven free of U+0000, which PostgreSQL cannot store; the
+//!   refusal is a 422 naming the field.
+//! - `database` (feature `postgres`): which database failures a retry can fix (503 with
+//!   `Retry-After`) and which it cannot (500).
 
 pub mod auth;
 pub mod config;
+#[cfg(feature = "postgres")]
+pub mod database;
 pub mod http;
 pub mod problem;
 pub mod prometheus;
 pub mod shutdown;
+pub mod storable;
 pub mod telemetry;
