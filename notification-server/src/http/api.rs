@@ -9,15 +9,19 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use common::{http::json_object, problem::Problem};
+use common::{
+    http::json_object,
+    problem::Problem,
+    storable::{StorableJson, StorableText},
+};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::{AppState, Caller, ROLE_SENDER, ROLE_SUPPORT, forbidden};
 use crate::{
-    notification::{Content, GroupId, Invalid, UserId},
-    service::{SendError, Sent},
-    store::StoreError,
+    error::Result,
+    notification::{Content, GroupId, UserId},
+    service::Sent,
 };
 
 /// History page size when `limit` is absent.
@@ -31,16 +35,12 @@ pub async fn send_to_users(
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[ROLE_SENDER], "sending notifications")?;
     let mut object = json_object(&headers, body)?;
     let users = take_user_ids(&mut object, state.notifier.max_recipients())?;
     let content = take_content(object)?;
-    let sent = state
-        .notifier
-        .send_to_users(users, content)
-        .await
-        .map_err(send_problem)?;
+    let sent = state.notifier.send_to_users(users, content).await?;
     Ok(created(sent))
 }
 
@@ -51,16 +51,12 @@ pub async fn broadcast_to_group(
     Path(group): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[ROLE_SENDER], "broadcasting")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let object = json_object(&headers, body)?;
     let content = take_content(object)?;
-    let sent = state
-        .notifier
-        .broadcast_to_group(&group, content)
-        .await
-        .map_err(send_problem)?;
+    let sent = state.notifier.broadcast_to_group(&group, content).await?;
     Ok(created(sent))
 }
 
@@ -70,21 +66,18 @@ pub async fn history(
     caller: Caller,
     Path(user): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let user = path_id(&user, "user", UserId::parse)?;
     if caller.0.sub != user.as_str() && !caller.has_any(&[ROLE_SUPPORT]) {
         return Err(forbidden(
             "users may read only their own history unless they hold `support` or `admin`",
-        ));
+        )
+        .into());
     }
     let (limit, cursor) = page_params(&query, |raw| {
         Uuid::parse_str(raw).map_err(|_| "must be the id of a notification (a UUID)".into())
     })?;
-    let page = state
-        .notifier
-        .get_history(&user, limit, cursor)
-        .await
-        .map_err(store_problem)?;
+    let page = state.notifier.get_history(&user, limit, cursor).await?;
     Ok(Json(json!({
         "notifications": page.notifications,
         "next_cursor": page.next_cursor,
@@ -97,16 +90,11 @@ pub async fn add_member(
     State(state): State<AppState>,
     caller: Caller,
     Path((group, user)): Path<(String, String)>,
-) -> Result<StatusCode, Problem> {
+) -> Result<StatusCode> {
     caller.require(&[], "managing groups")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let user = path_id(&user, "user", UserId::parse)?;
-    let added = state
-        .notifier
-        .store()
-        .add_member(&group, &user)
-        .await
-        .map_err(store_problem)?;
+    let added = state.notifier.store().add_member(&group, &user).await?;
     Ok(if added {
         StatusCode::CREATED
     } else {
@@ -119,16 +107,11 @@ pub async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,
     Path((group, user)): Path<(String, String)>,
-) -> Result<StatusCode, Problem> {
+) -> Result<StatusCode> {
     caller.require(&[], "managing groups")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let user = path_id(&user, "user", UserId::parse)?;
-    let removed = state
-        .notifier
-        .store()
-        .remove_member(&group, &user)
-        .await
-        .map_err(store_problem)?;
+    let removed = state.notifier.store().remove_member(&group, &user).await?;
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -137,7 +120,8 @@ pub async fn remove_member(
             "not-a-member",
             "Not a member",
             format!("{user} is not a member of {group}"),
-        ))
+        )
+        .into())
     }
 }
 
@@ -147,7 +131,7 @@ pub async fn members(
     caller: Caller,
     Path(group): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[], "listing group members")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let (limit, cursor) = page_params(&query, UserId::parse)?;
@@ -155,8 +139,7 @@ pub async fn members(
         .notifier
         .store()
         .members(&group, cursor.as_ref(), limit)
-        .await
-        .map_err(store_problem)?;
+        .await?;
     let next_cursor = page.more.then(|| page.members.last().cloned()).flatten();
     Ok(Json(json!({ "members": page.members, "next_cursor": next_cursor })).into_response())
 }
@@ -170,22 +153,6 @@ fn created(sent: Sent) -> Response {
         })),
     )
         .into_response()
-}
-
-fn send_problem(error: SendError) -> Problem {
-    match error {
-        SendError::Invalid(invalid) => invalid_problem(invalid),
-        SendError::Store(error) => store_problem(error),
-    }
-}
-
-fn invalid_problem(invalid: Invalid) -> Problem {
-    Problem::invalid_field(&invalid.field, invalid.detail)
-}
-
-fn store_problem(error: StoreError) -> Problem {
-    tracing::error!(%error, "storage failed");
-    Problem::unavailable("storage is unavailable; nothing was changed", 1)
 }
 
 fn path_id<T>(raw: &str, what: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, Problem> {
@@ -259,10 +226,10 @@ fn take_user_ids(object: &mut Map<String, Value>, max: usize) -> Result<Vec<User
         .collect()
 }
 
-fn take_content(mut object: Map<String, Value>) -> Result<Content, Problem> {
-    let mut text = |name: &str| -> Result<String, Problem> {
+fn take_content(mut object: Map<String, Value>) -> Result<Content> {
+    let mut text = |name: &str| -> Result<StorableText, Problem> {
         match object.remove(name) {
-            Some(Value::String(s)) => Ok(s),
+            Some(Value::String(s)) => Ok(StorableText::parse(name, s)?),
             Some(_) => Err(Problem::invalid_field(name, "must be a string")),
             None => Err(Problem::invalid_field(name, "is required")),
         }
@@ -272,14 +239,11 @@ fn take_content(mut object: Map<String, Value>) -> Result<Content, Problem> {
     let message = text("message")?;
     let data = match object.remove("data") {
         None | Some(Value::Null) => None,
-        Some(Value::Object(data)) => Some(data),
-        Some(_) => return Err(Problem::invalid_field("data", "must be a JSON object")),
+        Some(Value::Object(data)) => Some(StorableJson::parse_object("data", data)?),
+        Some(_) => return Err(Problem::invalid_field("data", "must be a JSON object").into()),
     };
     if let Some(unknown) = object.keys().next() {
-        return Err(Problem::invalid_field(
-            unknown,
-            "is not a field of a notification",
-        ));
+        return Err(Problem::invalid_field(unknown, "is not a field of a notification").into());
     }
     let content = Content {
         kind,
@@ -287,6 +251,6 @@ fn take_content(mut object: Map<String, Value>) -> Result<Content, Problem> {
         message,
         data,
     };
-    content.validate().map_err(invalid_problem)?;
+    content.validate()?;
     Ok(content)
 }
