@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context;
-use common::http::ServeSettings;
+use common::{http::ServeSettings, storable::StorableText};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -66,8 +66,9 @@ impl Application {
             &settings.bootstrap_admin_password,
         ) {
             let hash = passwords::hash(password);
+            let username = StorableText::parse("BOOTSTRAP_ADMIN_USERNAME", username.as_str())?;
             if store
-                .create_user(username, &hash, &["admin".to_owned()])
+                .create_user(&username, &hash, &["admin".to_owned()])
                 .await?
                 .is_some()
             {

@@ -13,7 +13,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use common::{auth::Claims, http::json_object, problem::Problem};
+use common::{auth::Claims, http::json_object, problem::Problem, storable::StorableText};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
@@ -22,6 +22,7 @@ use super::{AppState, gateway};
 use crate::{
     audit::Event,
     authn::{Principal, new_api_key},
+    error::Result,
     store::{ApiKey, NewApiKey},
 };
 
@@ -56,28 +57,26 @@ async fn create_key(
     body: Result<Bytes, BytesRejection>,
     admin: &Claims,
     ip: Option<std::net::IpAddr>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let mut object = json_object(headers, body)?;
     let name = match object.remove("name") {
-        Some(Value::String(name)) if name.trim().is_empty() => {
-            return Err(Problem::invalid_field("name", "must not be empty"));
-        }
-        Some(Value::String(name)) if name.chars().count() > MAX_NAME_CHARS => {
-            return Err(Problem::invalid_field(
-                "name",
-                format!("must be at most {MAX_NAME_CHARS} characters"),
-            ));
-        }
-        Some(Value::String(name)) if name.chars().any(char::is_control) => {
-            return Err(Problem::invalid_field(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        Some(Value::String(name)) => name,
-        Some(_) => return Err(Problem::invalid_field("name", "must be a string")),
-        None => return Err(Problem::invalid_field("name", "is required")),
+        Some(Value::String(name)) => StorableText::parse("name", name)?,
+        Some(_) => return Err(Problem::invalid_field("name", "must be a string").into()),
+        None => return Err(Problem::invalid_field("name", "is required").into()),
     };
+    if name.trim().is_empty() {
+        return Err(Problem::invalid_field("name", "must not be empty").into());
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(Problem::invalid_field(
+            "name",
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        )
+        .into());
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Problem::invalid_field("name", "must not contain control characters").into());
+    }
     let roles = roles(object.remove("roles"))?;
     let owner = match object.remove("owner") {
         None | Some(Value::Null) => admin
@@ -87,28 +86,21 @@ async fn create_key(
         Some(Value::String(owner)) => owner
             .parse::<Uuid>()
             .map_err(|_| Problem::invalid_field("owner", "must be a user id (UUID)"))?,
-        Some(_) => return Err(Problem::invalid_field("owner", "must be a user id (UUID)")),
+        Some(_) => return Err(Problem::invalid_field("owner", "must be a user id (UUID)").into()),
     };
     let limit = limit(object.remove("limit"))?;
     if let Some(unknown) = object.keys().next() {
-        return Err(Problem::invalid_field(
-            unknown,
-            "is not a field of this request",
-        ));
+        return Err(Problem::invalid_field(unknown, "is not a field of this request").into());
     }
-    if !state
-        .store
-        .user_exists(owner)
-        .await
-        .map_err(store_problem)?
-    {
+    if !state.store.user_exists(owner).await? {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-field",
             "Invalid field",
             "no user has this id",
         )
-        .with_field("owner"));
+        .with_field("owner")
+        .into());
     }
     let created_by = admin.sub.parse::<Uuid>().unwrap_or(owner);
     let (key, hash) = new_api_key();
@@ -124,8 +116,7 @@ async fn create_key(
             limit,
             created_by,
         })
-        .await
-        .map_err(store_problem)?;
+        .await?;
     state.audit.record(
         Event::new("api_key.create", "success")
             .subject(&admin.sub)
@@ -176,17 +167,15 @@ pub async fn list(
                     Problem::invalid_field("cursor", "is not a cursor from this list")
                 })?),
             };
-        let keys = state
-            .store
-            .list_api_keys(after, limit + 1)
-            .await
-            .map_err(store_problem)?;
+        let keys = state.store.list_api_keys(after, limit + 1).await?;
         let more = keys.len() as i64 > limit;
         let items: Vec<Value> = keys.iter().take(limit as usize).map(describe).collect();
         let next = more
             .then(|| keys.get(limit as usize - 1).map(|k| k.id.to_string()))
             .flatten();
-        Ok::<_, Problem>(Json(json!({ "items": items, "next_cursor": next })).into_response())
+        Ok::<_, crate::error::Error>(
+            Json(json!({ "items": items, "next_cursor": next })).into_response(),
+        )
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -225,7 +214,7 @@ pub async fn revoke(
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(None) => Problem::not_found().into_response(),
-        Err(error) => store_problem(error).into_response(),
+        Err(error) => error.into_response(),
     }
 }
 
@@ -359,9 +348,4 @@ fn describe(key: &ApiKey) -> Value {
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
     })
-}
-
-fn store_problem(error: crate::store::StoreError) -> Problem {
-    tracing::error!(%error, "storage failed");
-    Problem::unavailable("the key store is unavailable", 1)
 }
