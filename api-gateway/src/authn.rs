@@ -27,7 +27,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::{
-    store::{ApiKey, Store, StoreError},
+    error::Error,
+    store::{ApiKey, Store},
     tokens::TokenIssuer,
 };
 
@@ -200,11 +201,7 @@ impl KeyCache {
     }
 
     /// The live key `presented` is, if any.
-    pub async fn find(
-        &self,
-        store: &Store,
-        presented: &str,
-    ) -> Result<Option<Arc<ApiKey>>, StoreError> {
+    pub async fn find(&self, store: &Store, presented: &str) -> Result<Option<Arc<ApiKey>>, Error> {
         let hash = hash_api_key(presented);
         let generation = {
             let entries = self.entries.lock();

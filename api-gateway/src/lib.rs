@@ -2,6 +2,8 @@
 //!
 //! - [`passwords`]: argon2id hashing.
 //! - [`tokens`]: access JWTs signed here and published as a JWKS; opaque refresh tokens.
+//! - [`error`]: the one error type of the gateway's own endpoints: client faults, outages
+//!   (503, retry) and refusals (500, no retry).
 //! - [`store`]: users and refresh-token families (rotation with reuse detection).
 //! - [`routes`]: path normalisation and the RBAC route table; [`config`]: the route file.
 //! - [`authn`]: access tokens (cached verification) and API keys.
@@ -15,6 +17,7 @@ pub mod audit;
 pub mod authn;
 pub mod client_ip;
 pub mod config;
+pub mod error;
 pub mod http;
 pub mod limiter;
 pub mod passwords;

@@ -4,7 +4,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use common::{http::ServeOptions, shutdown::Background};
+use common::{http::ServeOptions, shutdown::Background, storable::StorableText};
 use prometheus_client::registry::Registry;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -66,8 +66,9 @@ impl Application {
             &settings.bootstrap_admin_password,
         ) {
             let hash = passwords::hash(password.expose_secret());
+            let username = StorableText::parse("BOOTSTRAP_ADMIN_USERNAME", username.as_str())?;
             if store
-                .create_user(username, &hash, &["admin".to_owned()])
+                .create_user(&username, &hash, &["admin".to_owned()])
                 .await?
                 .is_some()
             {

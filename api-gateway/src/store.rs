@@ -6,10 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row, postgres::PgPoolOptions};
 use uuid::Uuid;
 
-/// A backend failure; the cause is logged, the client gets a 503.
-#[derive(Debug, thiserror::Error)]
-#[error("storage failed: {0}")]
-pub struct StoreError(#[from] sqlx::Error);
+use common::storable::StorableText;
+
+use crate::error::Error;
 
 /// A user, as tokens describe them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +83,7 @@ pub struct NewApiKey<'a> {
     /// Its first characters.
     pub prefix: &'a str,
     /// A label.
-    pub name: &'a str,
+    pub name: &'a StorableText,
     /// Whose.
     pub owner_id: Uuid,
     /// Roles.
@@ -148,7 +147,7 @@ impl Store {
     }
 
     /// Whether PostgreSQL answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub async fn ping(&self) -> Result<(), Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
@@ -156,33 +155,36 @@ impl Store {
     /// Creates a user; `None` when the name is taken.
     pub async fn create_user(
         &self,
-        username: &str,
+        username: &StorableText,
         password_hash: &str,
         roles: &[String],
-    ) -> Result<Option<User>, StoreError> {
+    ) -> Result<Option<User>, Error> {
         let id = Uuid::now_v7();
         let done = sqlx::query(
             "INSERT INTO users (id, username, password_hash, roles) VALUES ($1, $2, $3, $4)
              ON CONFLICT (username) DO NOTHING",
         )
         .bind(id)
-        .bind(username)
+        .bind(username.as_str())
         .bind(password_hash)
         .bind(roles)
         .execute(&self.pool)
         .await?;
         Ok((done.rows_affected() == 1).then(|| User {
             id,
-            username: username.to_owned(),
+            username: username.to_string(),
             roles: roles.to_vec(),
         }))
     }
 
     /// The user named `username` and their password hash.
-    pub async fn find_user(&self, username: &str) -> Result<Option<(User, String)>, StoreError> {
+    pub async fn find_user(
+        &self,
+        username: &StorableText,
+    ) -> Result<Option<(User, String)>, Error> {
         let row =
             sqlx::query("SELECT id, username, roles, password_hash FROM users WHERE username = $1")
-                .bind(username)
+                .bind(username.as_str())
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.map(|row| {
@@ -203,7 +205,7 @@ impl Store {
         user_id: Uuid,
         token_hash: &[u8],
         expires_at: DateTime<Utc>,
-    ) -> Result<Uuid, StoreError> {
+    ) -> Result<Uuid, Error> {
         let family_id = Uuid::now_v7();
         sqlx::query(
             "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, expires_at)
@@ -233,7 +235,7 @@ impl Store {
         next: &[u8],
         next_expires_at: DateTime<Utc>,
         race_grace: Duration,
-    ) -> Result<Rotation, StoreError> {
+    ) -> Result<Rotation, Error> {
         let mut tx = self.pool.begin().await?;
         if !lock_family(&mut tx, presented).await? {
             tx.rollback().await?;
@@ -322,10 +324,7 @@ impl Store {
     /// Revokes the family of the token hashed `presented` (logout), successors being issued
     /// at this moment included (see [`Store::rotate`]). Returns the user and family when the
     /// token was known.
-    pub async fn revoke_family(
-        &self,
-        presented: &[u8],
-    ) -> Result<Option<(Uuid, Uuid)>, StoreError> {
+    pub async fn revoke_family(&self, presented: &[u8]) -> Result<Option<(Uuid, Uuid)>, Error> {
         let mut tx = self.pool.begin().await?;
         if !lock_family(&mut tx, presented).await? {
             tx.rollback().await?;
@@ -351,7 +350,7 @@ impl Store {
     }
 
     /// Whether a user with this id exists.
-    pub async fn user_exists(&self, id: Uuid) -> Result<bool, StoreError> {
+    pub async fn user_exists(&self, id: Uuid) -> Result<bool, Error> {
         Ok(sqlx::query("SELECT 1 FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
@@ -360,7 +359,7 @@ impl Store {
     }
 
     /// Stores a new API key.
-    pub async fn create_api_key(&self, key: NewApiKey<'_>) -> Result<ApiKey, StoreError> {
+    pub async fn create_api_key(&self, key: NewApiKey<'_>) -> Result<ApiKey, Error> {
         let (count, window_ms) = match key.limit {
             Some((count, window)) => (
                 Some(i32::try_from(count).unwrap_or(i32::MAX)),
@@ -376,7 +375,7 @@ impl Store {
         .bind(Uuid::now_v7())
         .bind(key.hash)
         .bind(key.prefix)
-        .bind(key.name)
+        .bind(key.name.as_str())
         .bind(key.owner_id)
         .bind(key.roles)
         .bind(count)
@@ -388,7 +387,7 @@ impl Store {
     }
 
     /// The live (unrevoked) key with this hash.
-    pub async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError> {
+    pub async fn find_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, Error> {
         let row = sqlx::query(&format!(
             "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
         ))
@@ -403,7 +402,7 @@ impl Store {
         &self,
         after: Option<Uuid>,
         limit: i64,
-    ) -> Result<Vec<ApiKey>, StoreError> {
+    ) -> Result<Vec<ApiKey>, Error> {
         let rows = sqlx::query(&format!(
             "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE $1::uuid IS NULL OR id > $1
              ORDER BY id LIMIT $2"
@@ -417,7 +416,7 @@ impl Store {
 
     /// Revokes a key; returns its record (`None`: no such key). Revoking twice keeps the
     /// first time.
-    pub async fn revoke_api_key(&self, id: Uuid) -> Result<Option<ApiKey>, StoreError> {
+    pub async fn revoke_api_key(&self, id: Uuid) -> Result<Option<ApiKey>, Error> {
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now()) WHERE id = $1
              RETURNING {API_KEY_COLUMNS}"
@@ -440,7 +439,7 @@ const REFRESH_FAMILY_LOCK: i32 = 0x7266_616d; // "rfam"
 async fn lock_family(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     presented: &[u8],
-) -> Result<bool, StoreError> {
+) -> Result<bool, Error> {
     let family: Option<Uuid> =
         sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
             .bind(presented)

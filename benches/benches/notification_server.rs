@@ -7,6 +7,7 @@
 
 use std::hint::black_box;
 
+use common::storable::{StorableJson, StorableText};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use notification_server::{
     Content, UserId,
@@ -16,15 +17,17 @@ use notification_server::{
 use serde_json::json;
 
 fn notification(data: bool) -> notification_server::Notification {
+    let text = |t: &str| StorableText::parse("bench", t).unwrap();
     Content {
-        kind: "order.shipped".into(),
-        title: "Your order has shipped".into(),
-        message: "Order #12345 left the warehouse and arrives on Tuesday.".into(),
+        kind: text("order.shipped"),
+        title: text("Your order has shipped"),
+        message: text("Order #12345 left the warehouse and arrives on Tuesday."),
         data: data.then(|| {
-            json!({ "order_id": 12345, "carrier": "DHL", "tracking": "JD014600006281", "items": [1, 2, 3] })
+            let data = json!({ "order_id": 12345, "carrier": "DHL", "tracking": "JD014600006281", "items": [1, 2, 3] })
                 .as_object()
                 .cloned()
-                .unwrap()
+                .unwrap();
+            StorableJson::parse_object("data", data).unwrap()
         }),
     }
     .into_notification()

@@ -16,12 +16,19 @@
 //!   grace period ends; [`http::JsonFields`] and [`http::Page`] read request bodies and list
 //!   queries so a refusal names the field at fault.
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
+//! - [`storable`]: text and JSON proven free of U+0000, which PostgreSQL cannot store; the
+//!   refusal is a 422 naming the field.
+//! - `database` (feature `postgres`): which database failures a retry can fix (503 with
+//!   `Retry-After`) and which it cannot (500).
 
 pub mod auth;
 pub mod config;
+#[cfg(feature = "postgres")]
+pub mod database;
 pub mod http;
 pub mod problem;
 pub mod prometheus;
 pub mod request_id;
 pub mod shutdown;
+pub mod storable;
 pub mod telemetry;

@@ -195,15 +195,18 @@ fn decode(payload: &[u8]) -> Option<(Uuid, Arc<Frame>, Vec<UserId>)> {
 
 #[cfg(test)]
 mod tests {
+    use common::storable::StorableText;
+
     use super::*;
     use crate::notification::Content;
 
     #[test]
     fn messages_round_trip_and_garbage_is_refused() {
+        let text = |t: &str| StorableText::parse("test", t).unwrap();
         let n = Content {
-            kind: "t".into(),
-            title: "multi\nline? no: title".replace('\n', " "),
-            message: "line one\nline two".into(),
+            kind: text("t"),
+            title: text("multi line? no: title"),
+            message: text("line one\nline two"),
             data: None,
         }
         .into_notification();

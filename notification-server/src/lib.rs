@@ -4,10 +4,12 @@
 //! - [`store`]: history and group membership in PostgreSQL, or in memory for one node.
 //! - [`hub`]: this node's live connections by user, and the fan-out to their send queues.
 //! - [`fanout`]: delivery across nodes over Redis pub/sub.
+//! - [`error`]: the one error type, and which failures are the client's, which a retry fixes.
 //! - [`service`]: the seed's `send_to_users`, `broadcast_to_group` and `get_history`.
 //! - [`protocol`]: WebSocket frames and close codes (`docs/websocket-protocol.md`).
 //! - [`http`]: the HTTP API, the WebSocket endpoint and the demo page.
 
+pub mod error;
 pub mod fanout;
 pub mod http;
 pub mod hub;
@@ -19,6 +21,7 @@ pub mod settings;
 pub mod startup;
 pub mod store;
 
+pub use error::{Error, Result};
 pub use notification::{Content, GroupId, Notification, UserId};
 pub use service::Notifier;
 pub use settings::Settings;

@@ -4,6 +4,7 @@ use std::{fmt, sync::Arc};
 
 use axum::extract::ws::Utf8Bytes;
 use chrono::{DateTime, Utc};
+use common::storable::{StorableJson, StorableText};
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -39,17 +40,19 @@ pub struct Notification {
     pub timestamp: DateTime<Utc>,
 }
 
-/// The content of a notification before it gets an id and a time.
+/// The content of a notification before it gets an id and a time. Its text is
+/// [`StorableText`] and its data [`StorableJson`], so nothing PostgreSQL would refuse
+/// (U+0000) can reach the store; the other limits are checked by [`Content::validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Content {
     /// See [`Notification::kind`].
-    pub kind: String,
+    pub kind: StorableText,
     /// See [`Notification::title`].
-    pub title: String,
+    pub title: StorableText,
     /// See [`Notification::message`].
-    pub message: String,
+    pub message: StorableText,
     /// See [`Notification::data`].
-    pub data: Option<Map<String, Value>>,
+    pub data: Option<StorableJson<Map<String, Value>>>,
 }
 
 /// Why some input was refused; `field` names the JSON field at fault.
@@ -75,7 +78,7 @@ impl Invalid {
 impl Content {
     /// Checks every limit, naming the first field that breaks one.
     pub fn validate(&self) -> Result<(), Invalid> {
-        let kind = &self.kind;
+        let kind = self.kind.as_str();
         if kind.is_empty() || kind.len() > MAX_TYPE_BYTES {
             return Err(Invalid::new(
                 "type",
@@ -94,7 +97,7 @@ impl Content {
         check_text("title", &self.title, MAX_TITLE_CHARS, false)?;
         check_text("message", &self.message, MAX_MESSAGE_CHARS, true)?;
         if let Some(data) = &self.data {
-            let size = serde_json::to_vec(data)
+            let size = serde_json::to_vec(data.get())
                 .map(|v| v.len())
                 .unwrap_or(usize::MAX);
             if size > MAX_DATA_BYTES {
@@ -113,10 +116,10 @@ impl Content {
         let timestamp = uuid_time(id).unwrap_or_else(Utc::now);
         Notification {
             id,
-            kind: self.kind,
-            title: self.title,
-            message: self.message,
-            data: self.data,
+            kind: self.kind.into_string(),
+            title: self.title.into_string(),
+            message: self.message.into_string(),
+            data: self.data.map(StorableJson::into_inner),
             timestamp,
         }
     }
@@ -240,11 +243,15 @@ impl Frame {
 mod tests {
     use super::*;
 
+    fn text(text: impl Into<String>) -> StorableText {
+        StorableText::parse("test", text).unwrap()
+    }
+
     fn content() -> Content {
         Content {
-            kind: "order.shipped".into(),
-            title: "Shipped".into(),
-            message: "Your order left the warehouse.\nTrack it.".into(),
+            kind: text("order.shipped"),
+            title: text("Shipped"),
+            message: text("Your order left the warehouse.\nTrack it."),
             data: None,
         }
     }
@@ -264,56 +271,56 @@ mod tests {
         let cases: Vec<(Content, &str)> = vec![
             (
                 Content {
-                    kind: String::new(),
+                    kind: text(String::new()),
                     ..content()
                 },
                 "type",
             ),
             (
                 Content {
-                    kind: "a b".into(),
+                    kind: text("a b"),
                     ..content()
                 },
                 "type",
             ),
             (
                 Content {
-                    kind: "x".repeat(65),
+                    kind: text("x".repeat(65)),
                     ..content()
                 },
                 "type",
             ),
             (
                 Content {
-                    title: "  ".into(),
+                    title: text("  "),
                     ..content()
                 },
                 "title",
             ),
             (
                 Content {
-                    title: "t".repeat(201),
+                    title: text("t".repeat(201)),
                     ..content()
                 },
                 "title",
             ),
             (
                 Content {
-                    title: "a\nb".into(),
+                    title: text("a\nb"),
                     ..content()
                 },
                 "title",
             ),
             (
                 Content {
-                    message: "m".repeat(4_001),
+                    message: text("m".repeat(4_001)),
                     ..content()
                 },
                 "message",
             ),
             (
                 Content {
-                    message: "bell\u{7}".into(),
+                    message: text("bell\u{7}"),
                     ..content()
                 },
                 "message",
@@ -325,7 +332,7 @@ mod tests {
         let mut data = Map::new();
         data.insert("blob".into(), Value::String("x".repeat(MAX_DATA_BYTES)));
         let big = Content {
-            data: Some(data),
+            data: Some(StorableJson::parse_object("data", data).unwrap()),
             ..content()
         };
         assert_eq!(big.validate().unwrap_err().field, "data");
@@ -335,7 +342,16 @@ mod tests {
     fn ids_refuse_what_could_break_a_channel_or_a_url() {
         assert!(UserId::parse("alice@example.com").is_ok());
         assert!(GroupId::parse("team:backend-1").is_ok());
-        for bad in ["", "a b", "a/b", "a\nb", "é", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "a\nb",
+            "a\0b",
+            "\0",
+            "é",
+            &"x".repeat(129),
+        ] {
             assert!(UserId::parse(bad).is_err(), "{bad:?}");
         }
         let parsed: Result<UserId, _> = serde_json::from_str("\"a\\nb\"");

@@ -10,23 +10,13 @@ use std::{collections::HashSet, sync::Arc, time::Instant};
 use uuid::Uuid;
 
 use crate::{
+    error::Result,
     fanout::RedisFanout,
     hub::Hub,
     metrics::Metrics,
     notification::{Content, Frame, GroupId, Invalid, Notification, UserId},
-    store::{Store, StoreError},
+    store::Store,
 };
-
-/// Why a send was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
-    /// The content or the recipients are invalid.
-    #[error(transparent)]
-    Invalid(#[from] Invalid),
-    /// Storage failed; nothing was sent.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
 
 /// The outcome of a send.
 #[derive(Debug, Clone)]
@@ -95,11 +85,7 @@ impl Notifier {
 
     /// Persists `content` for `users` (duplicates count once) and delivers it to every
     /// connection of theirs, on every node.
-    pub async fn send_to_users(
-        &self,
-        users: Vec<UserId>,
-        content: Content,
-    ) -> Result<Sent, SendError> {
+    pub async fn send_to_users(&self, users: Vec<UserId>, content: Content) -> Result<Sent> {
         content.validate()?;
         if users.is_empty() {
             return Err(Invalid::new("user_ids", "must name at least one user").into());
@@ -131,11 +117,7 @@ impl Notifier {
     }
 
     /// Persists `content` for every current member of `group` and delivers it to them.
-    pub async fn broadcast_to_group(
-        &self,
-        group: &GroupId,
-        content: Content,
-    ) -> Result<Sent, SendError> {
+    pub async fn broadcast_to_group(&self, group: &GroupId, content: Content) -> Result<Sent> {
         content.validate()?;
         let notification = content.into_notification();
         let started = Instant::now();
@@ -157,7 +139,7 @@ impl Notifier {
         user: &UserId,
         limit: usize,
         cursor: Option<Uuid>,
-    ) -> Result<HistoryPage, StoreError> {
+    ) -> Result<HistoryPage> {
         let mut notifications = self.store.history(user, cursor, limit + 1).await?;
         let more = notifications.len() > limit;
         notifications.truncate(limit);

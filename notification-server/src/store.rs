@@ -17,12 +17,10 @@ use serde_json::Value;
 use sqlx::{PgPool, Row, postgres::PgPoolOptions};
 use uuid::Uuid;
 
-use crate::notification::{GroupId, Notification, UserId};
-
-/// A backend failure; the cause is logged, the client gets a 503.
-#[derive(Debug, thiserror::Error)]
-#[error("storage failed: {0}")]
-pub struct StoreError(#[from] sqlx::Error);
+use crate::{
+    error::Error,
+    notification::{GroupId, Notification, UserId},
+};
 
 /// Group membership listing, one page.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +54,7 @@ impl Store {
         &self,
         notification: &Notification,
         users: &[UserId],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), Error> {
         match self {
             Self::Postgres(pg) => pg.insert_for_users(notification, users).await,
             Self::Memory(memory) => {
@@ -71,7 +69,7 @@ impl Store {
         &self,
         notification: &Notification,
         group: &GroupId,
-    ) -> Result<Vec<UserId>, StoreError> {
+    ) -> Result<Vec<UserId>, Error> {
         match self {
             Self::Postgres(pg) => pg.insert_for_group(notification, group).await,
             Self::Memory(memory) => {
@@ -88,7 +86,7 @@ impl Store {
         user: &UserId,
         before: Option<Uuid>,
         limit: usize,
-    ) -> Result<Vec<Notification>, StoreError> {
+    ) -> Result<Vec<Notification>, Error> {
         match self {
             Self::Postgres(pg) => pg.history(user, before, limit).await,
             Self::Memory(memory) => Ok(memory.history(user, before, limit)),
@@ -102,7 +100,7 @@ impl Store {
         user: &UserId,
         after: Uuid,
         limit: usize,
-    ) -> Result<Vec<Notification>, StoreError> {
+    ) -> Result<Vec<Notification>, Error> {
         match self {
             Self::Postgres(pg) => pg.since(user, after, limit).await,
             Self::Memory(memory) => Ok(memory.since(user, after, limit)),
@@ -110,7 +108,7 @@ impl Store {
     }
 
     /// Adds `user` to `group`; false when it already was a member.
-    pub async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+    pub async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, Error> {
         match self {
             Self::Postgres(pg) => pg.add_member(group, user).await,
             Self::Memory(memory) => Ok(memory.add_member(group, user)),
@@ -118,7 +116,7 @@ impl Store {
     }
 
     /// Removes `user` from `group`; false when it was not a member.
-    pub async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+    pub async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, Error> {
         match self {
             Self::Postgres(pg) => pg.remove_member(group, user).await,
             Self::Memory(memory) => Ok(memory.remove_member(group, user)),
@@ -131,7 +129,7 @@ impl Store {
         group: &GroupId,
         after: Option<&UserId>,
         limit: usize,
-    ) -> Result<MembersPage, StoreError> {
+    ) -> Result<MembersPage, Error> {
         match self {
             Self::Postgres(pg) => pg.members(group, after, limit).await,
             Self::Memory(memory) => Ok(memory.members(group, after, limit)),
@@ -139,7 +137,7 @@ impl Store {
     }
 
     /// Whether the backend answers.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    pub async fn ping(&self) -> Result<(), Error> {
         match self {
             Self::Postgres(pg) => {
                 sqlx::query("SELECT 1").execute(&pg.pool).await?;
@@ -183,7 +181,7 @@ impl PgStore {
         &self.pool
     }
 
-    async fn insert_for_users(&self, n: &Notification, users: &[UserId]) -> Result<(), StoreError> {
+    async fn insert_for_users(&self, n: &Notification, users: &[UserId]) -> Result<(), Error> {
         let users: Vec<&str> = users.iter().map(UserId::as_str).collect();
         // One statement, one round trip: the notification and its inbox rows commit together.
         sqlx::query(
@@ -210,7 +208,7 @@ impl PgStore {
         &self,
         n: &Notification,
         group: &GroupId,
-    ) -> Result<Vec<UserId>, StoreError> {
+    ) -> Result<Vec<UserId>, Error> {
         // Fan-out on read: the broadcast is one row, whatever the group's size, and the
         // members' histories find it through their membership intervals (ADR 0004). The
         // recipients returned for live delivery are exactly the members whose interval
@@ -246,7 +244,7 @@ impl PgStore {
         user: &UserId,
         before: Option<Uuid>,
         limit: usize,
-    ) -> Result<Vec<Notification>, StoreError> {
+    ) -> Result<Vec<Notification>, Error> {
         // The newest `limit` ids of the user's inbox, merged with the newest `limit` of each
         // group over the user's membership intervals (k + 1 short backward index scans, each
         // bounded by its interval), cut to `limit`, and only then joined to the notifications.
@@ -277,7 +275,10 @@ impl PgStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(notification_from_row).collect())
+        Ok(rows
+            .iter()
+            .map(notification_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
     async fn since(
@@ -285,7 +286,7 @@ impl PgStore {
         user: &UserId,
         after: Uuid,
         limit: usize,
-    ) -> Result<Vec<Notification>, StoreError> {
+    ) -> Result<Vec<Notification>, Error> {
         // The same, forwards: the oldest `limit` after `after`.
         let rows = sqlx::query(
             "SELECT n.id, n.kind, n.title, n.message, n.data, n.created_at
@@ -314,10 +315,13 @@ impl PgStore {
         .bind(Uuid::max())
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(notification_from_row).collect())
+        Ok(rows
+            .iter()
+            .map(notification_from_row)
+            .collect::<Result<_, _>>()?)
     }
 
-    async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+    async fn add_member(&self, group: &GroupId, user: &UserId) -> Result<bool, Error> {
         let done = sqlx::query(
             "INSERT INTO group_members (group_id, user_id, since_id) VALUES ($1, $2, $3)
              ON CONFLICT (group_id, user_id) WHERE until_id IS NULL DO NOTHING",
@@ -330,7 +334,7 @@ impl PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, StoreError> {
+    async fn remove_member(&self, group: &GroupId, user: &UserId) -> Result<bool, Error> {
         let done = sqlx::query(
             // GREATEST: another node's clock may be behind the one that recorded the join.
             "UPDATE group_members SET until_id = GREATEST($3, since_id)
@@ -349,7 +353,7 @@ impl PgStore {
         group: &GroupId,
         after: Option<&UserId>,
         limit: usize,
-    ) -> Result<MembersPage, StoreError> {
+    ) -> Result<MembersPage, Error> {
         let rows = sqlx::query(
             "SELECT user_id FROM group_members
              WHERE group_id = $1 AND until_id IS NULL AND user_id > $2
@@ -373,19 +377,21 @@ fn user_ids(rows: &[sqlx::postgres::PgRow]) -> impl Iterator<Item = UserId> + '_
         .filter_map(|row| UserId::parse(row.get::<&str, _>(0)).ok())
 }
 
-fn notification_from_row(row: &sqlx::postgres::PgRow) -> Notification {
-    let data: Option<Value> = row.get(4);
-    Notification {
-        id: row.get(0),
-        kind: row.get(1),
-        title: row.get(2),
-        message: row.get(3),
+/// A stored notification. A row that does not decode is an error (a 500 for that request),
+/// not a panic that would drop the connection.
+fn notification_from_row(row: &sqlx::postgres::PgRow) -> Result<Notification, sqlx::Error> {
+    let data: Option<Value> = row.try_get(4)?;
+    Ok(Notification {
+        id: row.try_get(0)?,
+        kind: row.try_get(1)?,
+        title: row.try_get(2)?,
+        message: row.try_get(3)?,
         data: match data {
             Some(Value::Object(map)) => Some(map),
             _ => None,
         },
-        timestamp: row.get::<DateTime<Utc>, _>(5),
-    }
+        timestamp: row.try_get::<DateTime<Utc>, _>(5)?,
+    })
 }
 
 /// The memory engine: bounded per-user history, membership sets.
@@ -507,14 +513,17 @@ impl MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use common::storable::StorableText;
+
     use super::*;
     use crate::notification::Content;
 
     fn note(title: &str) -> Notification {
+        let text = |t: &str| StorableText::parse("test", t).unwrap();
         Content {
-            kind: "t".into(),
-            title: title.into(),
-            message: "m".into(),
+            kind: text("t"),
+            title: text(title),
+            message: text("m"),
             data: None,
         }
         .into_notification()

@@ -2,6 +2,8 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context as _;
+
 use axum::{
     Json,
     body::Bytes,
@@ -10,14 +12,15 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use common::{http::json_object, problem::Problem};
+use common::{http::json_object, problem::Problem, storable::StorableText};
 use serde_json::{Map, Value, json};
 
 use super::{AppState, Outcome};
 use crate::{
     audit::Event,
+    error::Result,
     passwords,
-    store::{Rotation, StoreError, User},
+    store::{Rotation, User},
     tokens::{hash_refresh_token, new_refresh_token},
 };
 
@@ -30,23 +33,22 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let mut object = json_object(&headers, body)?;
-    let username = take_string(&mut object, "username", MAX_USERNAME_CHARS * 4)?;
-    let password = take_string(&mut object, "password", passwords::MAX_PASSWORD_BYTES)?;
+    // Both are text the user store reads (the name) or could be asked to keep (a password
+    // set elsewhere), so both are refused when PostgreSQL could not hold them.
+    let username = take_text(&mut object, "username", MAX_USERNAME_CHARS * 4)?;
+    let password = take_text(&mut object, "password", passwords::MAX_PASSWORD_BYTES)?;
     no_more_fields(&object)?;
     if username.chars().count() > MAX_USERNAME_CHARS {
         return Err(Problem::invalid_field(
             "username",
             format!("must be at most {MAX_USERNAME_CHARS} characters"),
-        ));
+        )
+        .into());
     }
 
-    let found = state
-        .store
-        .find_user(&username)
-        .await
-        .map_err(store_problem)?;
+    let found = state.store.find_user(&username).await?;
     // argon2 runs on the blocking pool: ~20 ms of CPU that must not stall the runtime.
     let (user, valid) = tokio::task::spawn_blocking(move || match found {
         Some((user, hash)) => {
@@ -60,7 +62,7 @@ pub async fn login(
         }
     })
     .await
-    .map_err(|_| Problem::internal())?;
+    .context("the password check panicked")?;
     let user = match user {
         Some(user) if valid => user,
         user => {
@@ -72,16 +74,12 @@ pub async fn login(
                 Some(user) => event.subject(user.id.to_string()).detail("wrong password"),
                 None => event.detail("unknown user name"),
             });
-            return Err(invalid_credentials());
+            return Err(invalid_credentials().into());
         }
     };
     let (refresh, hash) = new_refresh_token();
     let expires = refresh_expiry(&state);
-    state
-        .store
-        .start_family(user.id, &hash, expires)
-        .await
-        .map_err(store_problem)?;
+    state.store.start_family(user.id, &hash, expires).await?;
     count(&state.metrics.logins, "success");
     state.audit.record(
         Event::new("login", "success")
@@ -97,7 +95,7 @@ pub async fn refresh(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let presented = refresh_token_body(&headers, body)?;
     let ip = Some(state.client_ip(peer, &headers));
     let (next, next_hash) = new_refresh_token();
@@ -109,8 +107,7 @@ pub async fn refresh(
             refresh_expiry(&state),
             state.settings.refresh_race_grace,
         )
-        .await
-        .map_err(store_problem)?;
+        .await?;
     match rotation {
         Rotation::Rotated { user, family_id } => {
             count(&state.metrics.refreshes, "success");
@@ -135,7 +132,8 @@ pub async fn refresh(
                 "refresh-raced",
                 "Refresh token already rotated",
                 "this refresh token was just rotated by a concurrent request; use the pair that request received",
-            ))
+            )
+            .into())
         }
         Rotation::Reused { user_id, family_id } => {
             count(&state.metrics.refreshes, "reuse_detected");
@@ -150,12 +148,12 @@ pub async fn refresh(
                     .ip(ip)
                     .detail(format!("family {family_id} revoked")),
             );
-            Err(invalid_refresh())
+            Err(invalid_refresh().into())
         }
         Rotation::Invalid => {
             count(&state.metrics.refreshes, "invalid");
             state.audit.record(Event::new("refresh", "failure").ip(ip));
-            Err(invalid_refresh())
+            Err(invalid_refresh().into())
         }
     }
 }
@@ -166,13 +164,12 @@ pub async fn logout(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<StatusCode, Problem> {
+) -> Result<StatusCode> {
     let presented = refresh_token_body(&headers, body)?;
     let revoked = state
         .store
         .revoke_family(&hash_refresh_token(&presented))
-        .await
-        .map_err(store_problem)?;
+        .await?;
     state.metrics.logouts.inc();
     let event = match revoked {
         Some((user_id, family_id)) => Event::new("logout", "success")
@@ -201,11 +198,11 @@ pub async fn limit_by_ip(State(state): State<AppState>, request: Request, next: 
     response
 }
 
-fn token_pair(state: &AppState, user: &User, refresh: String) -> Result<Response, Problem> {
-    let (access, _exp) = state.issuer.issue(user).map_err(|error| {
-        tracing::error!(%error, "signing failed");
-        Problem::internal()
-    })?;
+fn token_pair(state: &AppState, user: &User, refresh: String) -> Result<Response> {
+    let (access, _exp) = state
+        .issuer
+        .issue(user)
+        .context("failed to sign the access token")?;
     let mut response = Json(json!({
         "access_token": access,
         "token_type": "Bearer",
@@ -255,11 +252,6 @@ fn invalid_refresh() -> Problem {
     )
 }
 
-fn store_problem(error: StoreError) -> Problem {
-    tracing::error!(%error, "storage failed");
-    Problem::unavailable("the user store is unavailable", 1)
-}
-
 /// The body of `/auth/refresh` and `/auth/logout`: `{"refresh_token"}` and nothing else.
 fn refresh_token_body(
     headers: &HeaderMap,
@@ -269,6 +261,18 @@ fn refresh_token_body(
     let presented = take_string(&mut object, "refresh_token", 256)?;
     no_more_fields(&object)?;
     Ok(presented)
+}
+
+/// A text field headed for the user store: [`take_string`], refused when it holds U+0000.
+fn take_text(
+    object: &mut Map<String, Value>,
+    name: &str,
+    max_bytes: usize,
+) -> Result<StorableText, Problem> {
+    Ok(StorableText::parse(
+        name,
+        take_string(object, name, max_bytes)?,
+    )?)
 }
 
 fn take_string(

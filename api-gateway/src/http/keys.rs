@@ -27,6 +27,7 @@ use super::{AppState, gateway};
 use crate::{
     audit::Event,
     authn::{Principal, new_api_key},
+    error::Result,
     store::{ApiKey, NewApiKey},
 };
 
@@ -68,7 +69,7 @@ async fn create_key(
     body: Result<Bytes, BytesRejection>,
     admin: &Claims,
     ip: Option<std::net::IpAddr>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let mut fields = JsonFields::from(json_object(headers, body)?);
     let name = fields.required("name", |value| KeyName::parse(string(value)?))?;
     let roles = fields
@@ -83,19 +84,15 @@ async fn create_key(
     };
     let quota = fields.nullable("limit", KeyQuota::parse)?;
     fields.finish("this request")?;
-    if !state
-        .store
-        .user_exists(owner)
-        .await
-        .map_err(store_problem)?
-    {
+    if !state.store.user_exists(owner).await? {
         return Err(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-field",
             "Invalid field",
             "no user has this id",
         )
-        .with_field("owner"));
+        .with_field("owner")
+        .into());
     }
     let created_by = admin.sub.parse::<Uuid>().unwrap_or(owner);
     let (key, hash) = new_api_key();
@@ -105,14 +102,13 @@ async fn create_key(
         .create_api_key(NewApiKey {
             hash: &hash,
             prefix,
-            name: name.as_str(),
+            name: name.as_storable(),
             owner_id: owner,
             roles: roles.as_slice(),
             limit: quota.map(|quota| (quota.0.limit, quota.0.window)),
             created_by,
         })
-        .await
-        .map_err(store_problem)?;
+        .await?;
     state.audit.record(
         Event::new("api_key.create", "success")
             .subject(&admin.sub)
@@ -159,17 +155,15 @@ pub async fn list(
             },
         )?;
         let (limit, after) = (page.limit as i64, page.cursor);
-        let keys = state
-            .store
-            .list_api_keys(after, limit + 1)
-            .await
-            .map_err(store_problem)?;
+        let keys = state.store.list_api_keys(after, limit + 1).await?;
         let more = keys.len() as i64 > limit;
         let items: Vec<Value> = keys.iter().take(limit as usize).map(describe).collect();
         let next = more
             .then(|| keys.get(limit as usize - 1).map(|k| k.id.to_string()))
             .flatten();
-        Ok::<_, Problem>(Json(json!({ "items": items, "next_cursor": next })).into_response())
+        Ok::<_, crate::error::Error>(
+            Json(json!({ "items": items, "next_cursor": next })).into_response(),
+        )
     }
     .await;
     result.unwrap_or_else(IntoResponse::into_response)
@@ -208,7 +202,7 @@ pub async fn revoke(
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(None) => Problem::not_found().into_response(),
-        Err(error) => store_problem(error).into_response(),
+        Err(error) => error.into_response(),
     }
 }
 
@@ -259,9 +253,4 @@ fn describe(key: &ApiKey) -> Value {
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
     })
-}
-
-fn store_problem(error: crate::store::StoreError) -> Problem {
-    tracing::error!(%error, "storage failed");
-    Problem::unavailable("the key store is unavailable", 1)
 }

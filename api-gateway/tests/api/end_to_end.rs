@@ -134,6 +134,56 @@ async fn a_notification_posted_through_the_gateway_arrives_on_a_socket_opened_th
     let _ = stop_notifier.send(());
 }
 
+#[tokio::test]
+async fn text_postgresql_cannot_store_is_refused_by_the_notifier_and_never_opens_the_breaker() {
+    // The notifier keeps history in PostgreSQL, where U+0000 in `data` used to fail.
+    let mut settings = notification_server::Settings::for_tests();
+    settings.database_url = Some(test_support::fresh_database("gateway_nul").await.into());
+    let notifier = notification_server::startup::Application::build(settings)
+        .await
+        .expect("notifier failed to build");
+    let notifier_address = format!("http://127.0.0.1:{}", notifier.port());
+    let (stop_notifier, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(notifier.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let app = spawn_app_with(|_, config| {
+        config
+            .set_targets("notifications", std::slice::from_ref(&notifier_address))
+            .unwrap();
+    })
+    .await;
+    app.add_user("ops", "correct horse battery", &["sender"])
+        .await;
+    let ops = app.login_ok("ops", "correct horse battery").await;
+    let token = ops["access_token"].as_str().unwrap();
+    let url = format!("{}/api/notifications/v1/notifications", app.address);
+
+    // More bad sends in a row than the breaker's threshold (5).
+    for i in 0..7 {
+        let response = app
+            .client
+            .post(&url)
+            .bearer_auth(token)
+            .json(&json!({
+                "user_ids": ["someone"],
+                "type": "test.note",
+                "title": "bad data",
+                "message": "hello",
+                "data": { "nested": { "value": format!("nul\u{0}{i}") } },
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.headers().get("retry-after").is_none());
+        let body = problem(response, 422, None).await;
+        assert_eq!(body["field"], "data.nested.value", "{body}");
+    }
+    let sent = post_note(&app, |r| r.bearer_auth(token), "someone", "clean").await;
+    assert_eq!(sent.status(), 201, "{}", sent.text().await.unwrap());
+    let _ = stop_notifier.send(());
+}
+
 /// Posts a note for `user` titled `title` through the gateway, with `credentials` applied.
 async fn post_note(
     app: &TestApp,

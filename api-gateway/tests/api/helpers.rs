@@ -156,7 +156,11 @@ impl TestApp {
         let store = Store::connect(&self.database_url, 1).await.unwrap();
         let roles: Vec<String> = roles.iter().map(|r| r.to_string()).collect();
         store
-            .create_user(username, &passwords::hash(password), &roles)
+            .create_user(
+                &common::storable::StorableText::parse("username", username).unwrap(),
+                &passwords::hash(password),
+                &roles,
+            )
             .await
             .unwrap()
             .expect("user exists already");

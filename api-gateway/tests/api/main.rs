@@ -8,3 +8,4 @@ mod helpers;
 mod keys;
 mod limiter;
 mod proxy;
+mod unstorable;

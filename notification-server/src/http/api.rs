@@ -12,15 +12,16 @@ use axum::{
 use common::{
     http::{JsonFields, Page, PageSize, json_fields::string, json_object},
     problem::Problem,
+    storable::{StorableJson, StorableText},
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{AppState, Caller, ROLE_SENDER, ROLE_SUPPORT, forbidden};
 use crate::{
-    notification::{Content, GroupId, Invalid, UserId},
-    service::{SendError, Sent},
-    store::StoreError,
+    error::Result,
+    notification::{Content, GroupId, UserId},
+    service::Sent,
 };
 
 /// History page size when `limit` is absent.
@@ -39,16 +40,12 @@ pub async fn send_to_users(
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[ROLE_SENDER], "sending notifications")?;
     let mut fields = JsonFields::from(json_object(&headers, body)?);
     let users = take_user_ids(&mut fields, state.notifier.max_recipients())?;
     let content = take_content(fields)?;
-    let sent = state
-        .notifier
-        .send_to_users(users, content)
-        .await
-        .map_err(send_problem)?;
+    let sent = state.notifier.send_to_users(users, content).await?;
     Ok(created(sent))
 }
 
@@ -59,16 +56,12 @@ pub async fn broadcast_to_group(
     Path(group): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[ROLE_SENDER], "broadcasting")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let fields = JsonFields::from(json_object(&headers, body)?);
     let content = take_content(fields)?;
-    let sent = state
-        .notifier
-        .broadcast_to_group(&group, content)
-        .await
-        .map_err(send_problem)?;
+    let sent = state.notifier.broadcast_to_group(&group, content).await?;
     Ok(created(sent))
 }
 
@@ -78,12 +71,13 @@ pub async fn history(
     caller: Caller,
     Path(user): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     let user = path_id(&user, "user", UserId::parse)?;
     if caller.0.sub != user.as_str() && !caller.has_any(&[ROLE_SUPPORT]) {
         return Err(forbidden(
             "users may read only their own history unless they hold `support` or `admin`",
-        ));
+        )
+        .into());
     }
     let page = page_params(&query, |raw| {
         Uuid::parse_str(raw).map_err(|_| "must be the id of a notification (a UUID)".into())
@@ -91,8 +85,7 @@ pub async fn history(
     let page = state
         .notifier
         .get_history(&user, page.limit, page.cursor)
-        .await
-        .map_err(store_problem)?;
+        .await?;
     Ok(Json(json!({
         "notifications": page.notifications,
         "next_cursor": page.next_cursor,
@@ -105,16 +98,11 @@ pub async fn add_member(
     State(state): State<AppState>,
     caller: Caller,
     Path((group, user)): Path<(String, String)>,
-) -> Result<StatusCode, Problem> {
+) -> Result<StatusCode> {
     caller.require(&[], "managing groups")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let user = path_id(&user, "user", UserId::parse)?;
-    let added = state
-        .notifier
-        .store()
-        .add_member(&group, &user)
-        .await
-        .map_err(store_problem)?;
+    let added = state.notifier.store().add_member(&group, &user).await?;
     Ok(if added {
         StatusCode::CREATED
     } else {
@@ -127,16 +115,11 @@ pub async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,
     Path((group, user)): Path<(String, String)>,
-) -> Result<StatusCode, Problem> {
+) -> Result<StatusCode> {
     caller.require(&[], "managing groups")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let user = path_id(&user, "user", UserId::parse)?;
-    let removed = state
-        .notifier
-        .store()
-        .remove_member(&group, &user)
-        .await
-        .map_err(store_problem)?;
+    let removed = state.notifier.store().remove_member(&group, &user).await?;
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -145,7 +128,8 @@ pub async fn remove_member(
             "not-a-member",
             "Not a member",
             format!("{user} is not a member of {group}"),
-        ))
+        )
+        .into())
     }
 }
 
@@ -155,7 +139,7 @@ pub async fn members(
     caller: Caller,
     Path(group): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, Problem> {
+) -> Result<Response> {
     caller.require(&[], "listing group members")?;
     let group = path_id(&group, "group", GroupId::parse)?;
     let page = page_params(&query, UserId::parse)?;
@@ -163,8 +147,7 @@ pub async fn members(
         .notifier
         .store()
         .members(&group, page.cursor.as_ref(), page.limit)
-        .await
-        .map_err(store_problem)?;
+        .await?;
     let next_cursor = page.more.then(|| page.members.last().cloned()).flatten();
     Ok(Json(json!({ "members": page.members, "next_cursor": next_cursor })).into_response())
 }
@@ -178,22 +161,6 @@ fn created(sent: Sent) -> Response {
         })),
     )
         .into_response()
-}
-
-fn send_problem(error: SendError) -> Problem {
-    match error {
-        SendError::Invalid(invalid) => invalid_problem(invalid),
-        SendError::Store(error) => store_problem(error),
-    }
-}
-
-fn invalid_problem(invalid: Invalid) -> Problem {
-    Problem::invalid_field(&invalid.field, invalid.detail)
-}
-
-fn store_problem(error: StoreError) -> Problem {
-    tracing::error!(%error, "storage failed");
-    Problem::unavailable("storage is unavailable; nothing was changed", 1)
 }
 
 fn path_id<T>(raw: &str, what: &str, parse: fn(&str) -> Result<T, String>) -> Result<T, Problem> {
@@ -255,7 +222,7 @@ fn take_user_ids(fields: &mut JsonFields, max: usize) -> Result<Vec<UserId>, Pro
         .collect()
 }
 
-fn take_content(mut fields: JsonFields) -> Result<Content, Problem> {
+fn take_content(mut fields: JsonFields) -> Result<Content> {
     let kind = fields.required("type", string)?;
     let title = fields.required("title", string)?;
     let message = fields.required("message", string)?;
@@ -264,12 +231,19 @@ fn take_content(mut fields: JsonFields) -> Result<Content, Problem> {
         _ => Err("must be a JSON object".to_owned()),
     })?;
     fields.finish("a notification")?;
+    // Text PostgreSQL cannot store is refused here, naming the field, before the store.
+    let kind = StorableText::parse("type", kind)?;
+    let title = StorableText::parse("title", title)?;
+    let message = StorableText::parse("message", message)?;
+    let data = data
+        .map(|data| StorableJson::parse_object("data", data))
+        .transpose()?;
     let content = Content {
         kind,
         title,
         message,
         data,
     };
-    content.validate().map_err(invalid_problem)?;
+    content.validate()?;
     Ok(content)
 }

@@ -8,3 +8,4 @@ mod frames;
 mod helpers;
 mod http_api;
 mod operations;
+mod unstorable;

@@ -2,6 +2,7 @@
 //! quota are known to be acceptable, and each parser's refusal is the `detail` of a problem
 //! naming its field (see `common::http::JsonFields`).
 
+use common::storable::StorableText;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -9,7 +10,7 @@ use super::{MAX_KEY_LIMIT, MAX_NAME_CHARS, MAX_ROLES};
 
 /// A key's name: a label for people, 1 to [`MAX_NAME_CHARS`] characters, not blank, without
 /// control characters (it is shown in lists and logs).
-pub struct KeyName(String);
+pub struct KeyName(StorableText);
 
 impl KeyName {
     /// The name, or why it is refused.
@@ -19,14 +20,17 @@ impl KeyName {
         } else if name.chars().count() > MAX_NAME_CHARS {
             Err(format!("must be at most {MAX_NAME_CHARS} characters"))
         } else if name.chars().any(char::is_control) {
+            // U+0000 is a control character too: PostgreSQL could not store it.
             Err("must not contain control characters".into())
         } else {
-            Ok(Self(name))
+            StorableText::parse("name", name)
+                .map(Self)
+                .map_err(|refusal| refusal.detail().to_owned())
         }
     }
 
     /// As the store keeps it.
-    pub fn as_str(&self) -> &str {
+    pub fn as_storable(&self) -> &StorableText {
         &self.0
     }
 }
@@ -118,7 +122,10 @@ mod tests {
     #[test]
     fn names_are_labels_without_blanks_or_control_characters() {
         assert_eq!(
-            KeyName::parse("ci deploys".into()).unwrap().as_str(),
+            KeyName::parse("ci deploys".into())
+                .unwrap()
+                .as_storable()
+                .as_str(),
             "ci deploys"
         );
         let refusals = [

@@ -1,0 +1,88 @@
+//! Which database failures a retry can fix, so a service answers 503 with `Retry-After` only
+//! for those.
+//!
+//! A pool that timed out, a connection that closed, a server that is starting up or shutting
+//! down: the same statement may well succeed a second later, and the client is told so. A
+//! statement the server read and refused (a data exception, a broken constraint, a syntax
+//! error) fails the same way every time; it is a 500 without `Retry-After`, and it means the
+//! edge let through input it should have refused, or a bug.
+
+/// What a failed statement says about retrying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The database could not be reached or could not run the statement now: retry later.
+    Unavailable,
+    /// The database refused this statement; it will refuse it again.
+    Refused,
+}
+
+impl Failure {
+    /// Sorts `error` into a retryable outage or a refusal.
+    pub fn of(error: &sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            // A connection cut mid-message surfaces as a protocol error.
+            | sqlx::Error::Protocol(_) => Self::Unavailable,
+            sqlx::Error::Database(db) => match db.code() {
+                Some(code) if refused_class(&code) => Self::Refused,
+                // Connection exceptions (08), rollbacks a retry resolves (40: serialization,
+                // deadlock), insufficient resources (53), operator intervention (57: admin
+                // shutdown, statement timeout), system errors (58), a database that is gone
+                // or not yet created (3D) or a login refused (28) while it is recreated.
+                _ => Self::Unavailable,
+            },
+            _ => Self::Refused,
+        }
+    }
+
+    /// True when a retry may succeed.
+    pub fn is_retryable(self) -> bool {
+        self == Self::Unavailable
+    }
+}
+
+/// SQLSTATE classes that describe the statement, not the server's condition.
+fn refused_class(code: &str) -> bool {
+    matches!(
+        code.get(..2),
+        Some(
+            "0A" // feature not supported
+            | "21" // cardinality violation
+            | "22" // data exception (U+0000 in text or jsonb, out of range, bad encoding)
+            | "23" // integrity constraint violation
+            | "25" // invalid transaction state
+            | "2F" | "38" | "39" // routine exceptions
+            | "42" // syntax error or access rule violation
+            | "44" // WITH CHECK OPTION violation
+            | "54" // program limit exceeded
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_retryable_and_refusals_are_not() {
+        assert!(Failure::of(&sqlx::Error::PoolTimedOut).is_retryable());
+        assert!(Failure::of(&sqlx::Error::PoolClosed).is_retryable());
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(Failure::of(&sqlx::Error::Io(reset)).is_retryable());
+        assert!(!Failure::of(&sqlx::Error::RowNotFound).is_retryable());
+    }
+
+    #[test]
+    fn statement_classes_are_refusals() {
+        for code in ["22P05", "22021", "23505", "42601", "54000"] {
+            assert!(refused_class(code), "{code}");
+        }
+        for code in ["08006", "40001", "53300", "57P01", "3D000", "XX000"] {
+            assert!(!refused_class(code), "{code}");
+        }
+    }
+}
