@@ -218,7 +218,7 @@ impl AppState {
                 .ip(ip)
                 .detail(format!("{}: {what}", error.reason())),
         );
-        self.metrics.count_refusal("unauthenticated");
+        self.metrics().count_refusal("unauthenticated");
         unauthenticated(error)
     }
 
@@ -236,7 +236,7 @@ impl AppState {
                 .ip(ip)
                 .detail(audit_detail),
         );
-        self.metrics.count_refusal("forbidden");
+        self.metrics().count_refusal("forbidden");
         Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail).into_response()
     }
 
@@ -270,7 +270,7 @@ impl AppState {
             event = event.subject(principal.subject());
         }
         self.audit.record(event);
-        self.metrics.count_refusal("rate_limited");
+        self.metrics().count_refusal("rate_limited");
         Some(too_many_requests(decision, policy))
     }
 }
