@@ -6,7 +6,8 @@
 //!   (503, retry) and refusals (500, no retry).
 //! - [`store`]: users and refresh-token families (rotation with reuse detection).
 //! - [`routes`]: path normalisation and the RBAC route table; [`config`]: the route file.
-//! - [`authn`]: access tokens (cached verification) and API keys.
+//! - [`authn`]: who is calling: access tokens (cached verification) and API keys, and the
+//!   extractors the gateway's own endpoints take.
 //! - [`audit`]: the hash-chained audit trail; [`client_ip`]: who a request comes from.
 //! - [`limiter`]: rate limits shared by every replica through Redis, with a local fallback.
 //! - [`revocations`]: API-key revocations told to every replica through Redis.

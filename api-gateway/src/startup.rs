@@ -11,10 +11,10 @@ use tokio::net::TcpListener;
 
 use crate::{
     audit::{Audit, AuditWriter},
-    authn::{KeyCache, TokenCache},
+    authn::{KeyCache, KeyTokens, TokenCache},
     client_ip::TrustedProxies,
     config::GatewayConfig,
-    http::{AppState, AuthSettings, Parts, PublicService, admin_router},
+    http::{AppState, AuthSettings, PublicService, Shared, admin_router},
     limiter::{Limiter, LimiterSettings, SystemClock},
     passwords,
     proxy::{Proxy, UpstreamSettings},
@@ -43,7 +43,7 @@ impl Application {
 
     /// Connects PostgreSQL (running migrations) and Redis, creates the bootstrap admin, binds.
     pub async fn build_with(settings: Settings, config: GatewayConfig) -> anyhow::Result<Self> {
-        let issuer = settings.issuer()?;
+        let issuer = Arc::new(settings.issuer()?);
         let table = config.table()?;
         let upstreams = config
             .upstreams
@@ -111,9 +111,10 @@ impl Application {
             None => None,
         };
         let state = AppState::new(
-            Parts {
+            Shared {
                 tokens: TokenCache::new(verifier, 30, settings.token_cache_size),
                 keys,
+                key_tokens: KeyTokens::new(Arc::clone(&issuer)),
                 revocations: revocations.clone(),
                 store,
                 issuer,

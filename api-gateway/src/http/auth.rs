@@ -66,7 +66,7 @@ pub async fn login(
     let user = match user {
         Some(user) if valid => user,
         user => {
-            count(&state.metrics.logins, "invalid_credentials");
+            count(&state.metrics().logins, "invalid_credentials");
             // The name is not recorded: a password typed into the name field would be in the
             // trail. A known user is the subject; an unknown name is only said to be unknown.
             let event = Event::new("login", "failure").ip(Some(state.client_ip(peer, &headers)));
@@ -80,7 +80,7 @@ pub async fn login(
     let (refresh, hash) = new_refresh_token();
     let expires = refresh_expiry(&state);
     state.store.start_family(user.id, &hash, expires).await?;
-    count(&state.metrics.logins, "success");
+    count(&state.metrics().logins, "success");
     state.audit.record(
         Event::new("login", "success")
             .subject(user.id.to_string())
@@ -110,7 +110,7 @@ pub async fn refresh(
         .await?;
     match rotation {
         Rotation::Rotated { user, family_id } => {
-            count(&state.metrics.refreshes, "success");
+            count(&state.metrics().refreshes, "success");
             state.audit.record(
                 Event::new("refresh", "success")
                     .subject(user.id.to_string())
@@ -120,7 +120,7 @@ pub async fn refresh(
             token_pair(&state, &user, next)
         }
         Rotation::Raced { user_id, family_id } => {
-            count(&state.metrics.refreshes, "raced");
+            count(&state.metrics().refreshes, "raced");
             state.audit.record(
                 Event::new("refresh", "raced")
                     .subject(user_id.to_string())
@@ -136,7 +136,7 @@ pub async fn refresh(
             .into())
         }
         Rotation::Reused { user_id, family_id } => {
-            count(&state.metrics.refreshes, "reuse_detected");
+            count(&state.metrics().refreshes, "reuse_detected");
             tracing::warn!(
                 subject = %user_id,
                 family = %family_id,
@@ -151,7 +151,7 @@ pub async fn refresh(
             Err(invalid_refresh().into())
         }
         Rotation::Invalid => {
-            count(&state.metrics.refreshes, "invalid");
+            count(&state.metrics().refreshes, "invalid");
             state.audit.record(Event::new("refresh", "failure").ip(ip));
             Err(invalid_refresh().into())
         }
@@ -170,7 +170,7 @@ pub async fn logout(
         .store
         .revoke_family(&hash_refresh_token(&presented))
         .await?;
-    state.metrics.logouts.inc();
+    state.metrics().logouts.inc();
     let event = match revoked {
         Some((user_id, family_id)) => Event::new("logout", "success")
             .subject(user_id.to_string())

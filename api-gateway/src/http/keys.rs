@@ -1,10 +1,11 @@
 //! `/admin/api-keys`: admins create, list and revoke API keys.
 //!
-//! Only a user's access token with the `admin` role may call these; an API key may not mint
-//! or revoke keys, whatever its roles, so a leaked key cannot make itself a successor. The key
-//! itself is returned once, at creation; afterwards only its prefix is shown.
+//! Only a user's access token with the `admin` role may call these ([`crate::authn::Admin`]);
+//! an API key may not mint or revoke keys, whatever its roles, so a leaked key cannot make
+//! itself a successor. The key itself is returned once, at creation; afterwards only its
+//! prefix is shown.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use axum::{
     Json,
@@ -23,10 +24,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use self::new_key::{KeyName, KeyQuota, KeyRoles, owner_id};
-use super::{AppState, gateway};
+use super::AppState;
 use crate::{
     audit::Event,
-    authn::{Principal, new_api_key},
+    authn::{Admin, new_api_key},
     error::Result,
     store::{ApiKey, NewApiKey},
 };
@@ -50,14 +51,11 @@ const PAGE_SIZE: PageSize = PageSize {
 pub async fn create(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Admin(admin): Admin,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let ip = Some(state.client_ip(peer, &headers));
-    let admin = match admin(&state, &headers, ip, "POST /admin/api-keys").await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     create_key(&state, &headers, body, &admin, ip)
         .await
         .unwrap_or_else(IntoResponse::into_response)
@@ -134,14 +132,9 @@ pub struct PageQuery {
 /// `GET /admin/api-keys?limit=&cursor=`: keys in creation order, revoked ones included.
 pub async fn list(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    _: Admin,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
 ) -> Response {
-    let ip = Some(state.client_ip(peer, &headers));
-    if let Err(response) = admin(&state, &headers, ip, "GET /admin/api-keys").await {
-        return response;
-    }
     let result = async {
         let Query(query) =
             query.map_err(|_| Problem::malformed("the query string is malformed"))?;
@@ -176,14 +169,11 @@ pub async fn list(
 pub async fn revoke(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Admin(admin): Admin,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
 ) -> Response {
     let ip = Some(state.client_ip(peer, &headers));
-    let admin = match admin(&state, &headers, ip, "DELETE /admin/api-keys").await {
-        Ok(admin) => admin,
-        Err(response) => return response,
-    };
     let Some(id) = id.ok().and_then(|Path(id)| id.parse::<Uuid>().ok()) else {
         return Problem::not_found().into_response();
     };
@@ -204,41 +194,6 @@ pub async fn revoke(
         Ok(None) => Problem::not_found().into_response(),
         Err(error) => error.into_response(),
     }
-}
-
-/// The caller, when it is a user with the `admin` role; the refusal otherwise (audited).
-async fn admin(
-    state: &AppState,
-    headers: &HeaderMap,
-    ip: Option<std::net::IpAddr>,
-    what: &str,
-) -> Result<Arc<Claims>, Response> {
-    let principal = match state.authenticate(headers, None).await {
-        Ok(principal) => principal,
-        Err(gateway::Refusal::Unauthenticated(error)) => {
-            return Err(state.refuse_unauthenticated(&error, ip, what));
-        }
-        Err(gateway::Refusal::Unavailable) => {
-            return Err(Problem::unavailable("the key store is unavailable", 1).into_response());
-        }
-    };
-    let claims = match &principal {
-        Principal::User(claims) if claims.has_role("admin") => Arc::clone(claims),
-        _ => {
-            return Err(state.refuse_forbidden(
-                &principal,
-                ip,
-                what.to_owned(),
-                "managing API keys needs a signed-in admin (API keys cannot manage keys)",
-            ));
-        }
-    };
-    let (key, quota) = (format!("user:{}", claims.sub), state.limits.user);
-    let decision = state.limiter.check(&key, quota).await;
-    if let Some(refused) = state.refuse_over_limit(&decision, Some(&principal), ip, "user", what) {
-        return Err(refused);
-    }
-    Ok(claims)
 }
 
 fn describe(key: &ApiKey) -> Value {

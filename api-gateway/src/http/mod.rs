@@ -15,14 +15,14 @@
 //! the request context (id, span, access log), security headers, CORS (when origins are
 //! configured), and path normalisation, which runs before routing so that `/api/x/../y` is
 //! routed, authorised and forwarded as `/api/y`. Then `/api/*` goes straight into the
-//! pipeline ([`gateway::forward`]) and everything else through the router of the gateway's
+//! pipeline ([`pipeline::forward`]) and everything else through the router of the gateway's
 //! own endpoints. The proxied path is plain function calls rather than a stack of axum
 //! middleware, each of which clones and boxes per request: under callgrind the stack cost
 //! about 9,000 of the 102,000 user-space instructions of a proxied request.
 
 mod auth;
-pub mod gateway;
 mod keys;
+pub mod pipeline;
 
 use std::{
     borrow::Cow,
@@ -141,16 +141,19 @@ pub struct AuthSettings {
     pub trusted_proxies: TrustedProxies,
 }
 
-/// Everything the handlers share; the parts are built by `startup`.
-pub struct Parts {
+/// Everything the handlers share, built once by `startup`: adding a dependency is a field
+/// here and a line there.
+pub struct Shared {
     /// Users, refresh tokens, API keys.
     pub store: Store,
-    /// Signs access tokens.
-    pub issuer: TokenIssuer,
+    /// Signs access tokens (shared with [`KeyTokens`]).
+    pub issuer: Arc<TokenIssuer>,
     /// Verifies them (cached).
     pub tokens: TokenCache,
     /// Finds API keys (cached).
     pub keys: Arc<KeyCache>,
+    /// Signs the tokens API-key callers take upstream.
+    pub key_tokens: KeyTokens,
     /// Tells other replicas about revoked keys; none without Redis.
     pub revocations: Option<Arc<Revocations>>,
     /// Route table.
@@ -167,24 +170,15 @@ pub struct Parts {
     pub settings: AuthSettings,
 }
 
-/// Shared state of every handler; cloning it is one reference count.
+/// Shared state of every handler; cloning it is one reference count. It derefs to the
+/// [`Shared`] dependencies; what it derives from them itself (its metrics, the registry
+/// that renders them, the readiness flag) it keeps apart.
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
+pub struct AppState(Arc<Inner>);
 
-/// What [`AppState`] shares.
-pub struct Shared {
-    store: Store,
-    issuer: Arc<TokenIssuer>,
-    tokens: Arc<TokenCache>,
-    keys: Arc<KeyCache>,
-    key_tokens: KeyTokens,
-    revocations: Option<Arc<Revocations>>,
-    table: Arc<RouteTable>,
-    limits: Limits,
-    limiter: Limiter,
-    proxy: Proxy,
-    audit: Audit,
-    settings: Arc<AuthSettings>,
+/// What [`AppState`] holds.
+struct Inner {
+    shared: Shared,
     metrics: AuthMetrics,
     http_metrics: HttpMetrics,
     registry: Arc<Registry>,
@@ -195,35 +189,33 @@ impl Deref for AppState {
     type Target = Shared;
 
     fn deref(&self) -> &Shared {
-        &self.0
+        &self.0.shared
     }
 }
 
 impl AppState {
-    /// State over `parts`; `registry` already holds the limiter's, proxy's and audit's
+    /// State over `shared`; `registry` already holds the limiter's, proxy's and audit's
     /// metrics, and gets the HTTP and auth ones here.
-    pub fn new(parts: Parts, mut registry: Registry) -> Self {
+    pub fn new(shared: Shared, mut registry: Registry) -> Self {
         let metrics = AuthMetrics::register(&mut registry);
         let http_metrics = HttpMetrics::register(&mut registry);
-        let issuer = Arc::new(parts.issuer);
-        Self(Arc::new(Shared {
-            store: parts.store,
-            key_tokens: KeyTokens::new(Arc::clone(&issuer)),
-            issuer,
-            tokens: Arc::new(parts.tokens),
-            keys: parts.keys,
-            revocations: parts.revocations,
-            table: Arc::new(parts.table),
-            limits: parts.limits,
-            limiter: parts.limiter,
-            proxy: parts.proxy,
-            audit: parts.audit,
-            settings: Arc::new(parts.settings),
+        Self(Arc::new(Inner {
+            shared,
             metrics,
             http_metrics,
             registry: Arc::new(registry),
             ready: Arc::new(AtomicBool::new(true)),
         }))
+    }
+
+    /// The gateway's own counters (logins, refreshes, refusals).
+    fn metrics(&self) -> &AuthMetrics {
+        &self.0.metrics
+    }
+
+    /// Requests by route, status and duration.
+    fn http_metrics(&self) -> &HttpMetrics {
+        &self.0.http_metrics
     }
 
     /// The client's address for a request from `peer`: the peer itself, unless it is a
@@ -248,7 +240,7 @@ impl AppState {
 
     /// The flag `/readyz` reports; cleared when shutdown starts.
     pub fn readiness(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.ready)
+        Arc::clone(&self.0.ready)
     }
 }
 
@@ -378,8 +370,8 @@ impl Dispatch {
         }
         let started = Instant::now();
         let method = request.method().clone();
-        let response = gateway::forward(&self.state, request).await;
-        self.state.http_metrics.record(
+        let response = pipeline::forward(&self.state, request).await;
+        self.state.http_metrics().record(
             &method,
             Cow::Borrowed(API_ROUTE),
             response.status().as_u16(),
@@ -405,7 +397,10 @@ impl Service<Request> for Dispatch {
 
 /// The gateway's own endpoints: bounded bodies and run time, HTTP metrics by route.
 fn own_routes(state: AppState) -> Router {
-    let settings = Arc::clone(&state.settings);
+    let (max_body_bytes, request_timeout) = (
+        state.settings.max_body_bytes,
+        state.settings.request_timeout,
+    );
     let auth_routes = Router::new()
         .route("/auth/login", post(auth::login))
         .route("/auth/refresh", post(auth::refresh))
@@ -418,9 +413,9 @@ fn own_routes(state: AppState) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
-        .route_layer(from_fn_with_state(settings.request_timeout, time_limit))
-        .route_layer(from_fn_with_state(state.http_metrics.clone(), track_http))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .route_layer(from_fn_with_state(request_timeout, time_limit))
+        .route_layer(from_fn_with_state(state.http_metrics().clone(), track_http))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
         .with_state(state)
@@ -435,7 +430,7 @@ fn normalize_path(state: &AppState, request: &mut Request) -> Option<Response> {
     let normalized = match routes::normalize(uri.path()) {
         Ok(path) => path,
         Err(error) => {
-            state.metrics.count_refusal("bad_path");
+            state.metrics().count_refusal("bad_path");
             return Some(Problem::malformed(format!("{error}")).into_response());
         }
     };
@@ -508,7 +503,7 @@ pub fn admin_router(state: AppState) -> Router {
 
 /// HSTS, nosniff and no-referrer on every answer, and a CSP on the gateway's own.
 fn security_headers(response: &mut Response) {
-    let proxied = response.extensions().get::<gateway::Proxied>().is_some();
+    let proxied = response.extensions().get::<pipeline::Proxied>().is_some();
     let headers = response.headers_mut();
     headers.insert(
         header::STRICT_TRANSPORT_SECURITY,
@@ -544,7 +539,7 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.ready.load(Ordering::Acquire) {
+    if !state.0.ready.load(Ordering::Acquire) {
         return Problem::unavailable("shutting down", 5).into_response();
     }
     if let Err(error) = state.store.ping().await {
@@ -568,5 +563,5 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    common::prometheus::render(&state.registry)
+    common::prometheus::render(&state.0.registry)
 }

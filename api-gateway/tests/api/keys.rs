@@ -546,6 +546,58 @@ async fn only_signed_in_admins_manage_keys_and_bad_bodies_are_named() {
 }
 
 #[tokio::test]
+async fn refusals_on_the_admin_endpoints_name_the_method_and_the_collection_in_the_trail() {
+    let app = spawn_app().await;
+    let user = token_for("0190b5e4-0000-7000-8000-000000000009", &["user"]);
+    let revoked = app
+        .client
+        .delete(format!(
+            "{}/admin/api-keys/0190b5e4-0000-7000-8000-0000000000aa",
+            app.address
+        ))
+        .bearer_auth(&user)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 403);
+    assert_eq!(app.get_as("/admin/api-keys", &user).await.status(), 403);
+    let anonymous = app
+        .client
+        .post(format!("{}/admin/api-keys", app.address))
+        .json(&json!({ "name": "k" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let database_url = app.database_url.clone();
+    app.shut_down().await;
+
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT action, outcome, detail FROM audit_log \
+         WHERE action IN ('authorize', 'authenticate') ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row = |action: &str, outcome: &str, detail: &str| {
+        (
+            action.to_owned(),
+            outcome.to_owned(),
+            Some(detail.to_owned()),
+        )
+    };
+    assert_eq!(
+        rows,
+        [
+            row("authorize", "denied", "DELETE /admin/api-keys"),
+            row("authorize", "denied", "GET /admin/api-keys"),
+            row("authenticate", "failure", "missing: POST /admin/api-keys"),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn security_events_are_audited_in_a_chain_that_detects_tampering() {
     let app = spawn_app().await;
     let admin = admin(&app).await;

@@ -1,4 +1,4 @@
-//! `/api/*`: authenticate, authorise, rate-limit, forward.
+//! `/api/*`: authenticate ([`authn::authenticate`]), authorise, rate-limit, forward.
 //!
 //! The path was normalised before routing ([`super::normalize_path`]), so the rule matched
 //! here and the path the upstream receives are the same string. Each refusal is audited.
@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use axum::{
     extract::Request,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use common::problem::Problem;
@@ -15,7 +15,7 @@ use common::problem::Problem;
 use super::AppState;
 use crate::{
     audit::Event,
-    authn::{AuthnError, Principal},
+    authn::{self, AuthnError, Principal, Refusal},
     limiter::{Backend, Decision, Quota},
     proxy::{ForwardedProto, Identity},
 };
@@ -34,9 +34,7 @@ pub async fn forward(state: &AppState, mut request: Request) -> Response {
     let path = request.uri().path().to_owned();
     let what = || format!("{method} {path}");
 
-    let principal = match state
-        .authenticate(request.headers(), request.uri().query())
-        .await
+    let principal = match authn::authenticate(state, request.headers(), request.uri().query()).await
     {
         Ok(principal) => principal,
         Err(Refusal::Unauthenticated(error)) => {
@@ -111,72 +109,7 @@ pub async fn forward(state: &AppState, mut request: Request) -> Response {
     response
 }
 
-/// Why a request is not authenticated, as the pipeline sees it.
-pub enum Refusal {
-    /// Bad or missing credentials: 401.
-    Unauthenticated(AuthnError),
-    /// The key store cannot be asked: 503.
-    Unavailable,
-}
-
 impl AppState {
-    /// The caller of a request, from `Authorization: Bearer` or `X-API-Key`; WebSocket
-    /// upgrades may carry the token as `?token=` (browsers cannot set headers there).
-    pub async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-    ) -> Result<Principal, Refusal> {
-        let bearer = headers.get(header::AUTHORIZATION);
-        let key = headers.get("x-api-key");
-        let now = chrono::Utc::now().timestamp();
-        match (bearer, key) {
-            (Some(_), Some(_)) => Err(Refusal::Unauthenticated(AuthnError::Both)),
-            (Some(value), None) => {
-                let token = common::auth::bearer_token(value)
-                    .ok_or(Refusal::Unauthenticated(AuthnError::Scheme))?;
-                self.verify_user_token(token, now)
-            }
-            (None, Some(value)) => {
-                let presented = value
-                    .to_str()
-                    .map_err(|_| Refusal::Unauthenticated(AuthnError::UnknownKey))?;
-                if !presented.starts_with(crate::authn::API_KEY_PREFIX) || presented.len() > 128 {
-                    return Err(Refusal::Unauthenticated(AuthnError::UnknownKey));
-                }
-                match self.keys.find(&self.store, presented).await {
-                    Ok(Some(key)) => Ok(Principal::Key(key)),
-                    Ok(None) => Err(Refusal::Unauthenticated(AuthnError::UnknownKey)),
-                    Err(error) => {
-                        tracing::error!(%error, "API key lookup failed");
-                        Err(Refusal::Unavailable)
-                    }
-                }
-            }
-            (None, None) => {
-                let token = crate::proxy::is_websocket_upgrade(headers)
-                    .then(|| query_token(query?))
-                    .flatten()
-                    .ok_or(Refusal::Unauthenticated(AuthnError::Missing))?;
-                self.verify_user_token(&token, now)
-            }
-        }
-    }
-
-    /// A user's access token. One the gateway signed for an API-key caller to take upstream
-    /// is refused here: presented back, it would make the key its owner's session, past the
-    /// key's quota and its revocation, and through the rule that keys never manage keys.
-    fn verify_user_token(&self, token: &str, now: i64) -> Result<Principal, Refusal> {
-        let claims = self
-            .tokens
-            .verify(token, now)
-            .map_err(|e| Refusal::Unauthenticated(AuthnError::Token(e)))?;
-        if crate::tokens::is_upstream_only(&claims) {
-            return Err(Refusal::Unauthenticated(AuthnError::UpstreamOnly));
-        }
-        Ok(Principal::User(claims))
-    }
-
     /// The limiter key, quota and policy name for `principal` on `rule`: a route with a
     /// quota of its own is counted apart; otherwise the caller's default applies (an API key's
     /// own quota, or the default for keys or users).
@@ -218,8 +151,8 @@ impl AppState {
                 .ip(ip)
                 .detail(format!("{}: {what}", error.reason())),
         );
-        self.metrics.count_refusal("unauthenticated");
-        unauthenticated(error)
+        self.metrics().count_refusal("unauthenticated");
+        authn::unauthenticated(error)
     }
 
     /// 403 telling the client `detail`, audited with `audit_detail` and counted.
@@ -236,7 +169,7 @@ impl AppState {
                 .ip(ip)
                 .detail(audit_detail),
         );
-        self.metrics.count_refusal("forbidden");
+        self.metrics().count_refusal("forbidden");
         Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail).into_response()
     }
 
@@ -270,62 +203,9 @@ impl AppState {
             event = event.subject(principal.subject());
         }
         self.audit.record(event);
-        self.metrics.count_refusal("rate_limited");
+        self.metrics().count_refusal("rate_limited");
         Some(too_many_requests(decision, policy))
     }
-}
-
-/// `?token=` from a query string (the name the notifier reads too, since the query is
-/// forwarded as it is).
-fn query_token(query: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (name, value) = pair.split_once('=')?;
-        (name == "token")
-            .then(|| value.to_owned())
-            .filter(|v| !v.is_empty())
-    })
-}
-
-/// 401 with the challenge RFC 6750 asks for.
-pub fn unauthenticated(error: &AuthnError) -> Response {
-    let (challenge, detail) = match error {
-        AuthnError::Missing => (
-            r#"Bearer realm="api-gateway""#,
-            "send an access token (Authorization: Bearer) or an API key (X-API-Key)",
-        ),
-        AuthnError::Both => (
-            r#"Bearer realm="api-gateway", error="invalid_request""#,
-            "send an access token or an API key, not both",
-        ),
-        AuthnError::Scheme => (
-            r#"Bearer realm="api-gateway", error="invalid_request""#,
-            "the Authorization header must be `Bearer <token>`",
-        ),
-        AuthnError::Token(_) => (
-            r#"Bearer realm="api-gateway", error="invalid_token""#,
-            "the access token is invalid or expired",
-        ),
-        AuthnError::UpstreamOnly => (
-            r#"Bearer realm="api-gateway", error="invalid_token""#,
-            "this token was signed for an upstream on an API key's behalf; send the API key",
-        ),
-        AuthnError::UnknownKey => (
-            r#"Bearer realm="api-gateway""#,
-            "the API key is unknown or revoked",
-        ),
-    };
-    let mut response = Problem::new(
-        StatusCode::UNAUTHORIZED,
-        "unauthenticated",
-        "Authentication required",
-        detail,
-    )
-    .into_response();
-    response.headers_mut().insert(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(challenge),
-    );
-    response
 }
 
 /// 429 with the limiter's headers and `Retry-After`.

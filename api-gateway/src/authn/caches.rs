@@ -1,4 +1,5 @@
-//! Who is calling: an access token (`Authorization: Bearer`) or an API key (`X-API-Key`).
+//! What makes authentication cheap: tokens that verified, API keys found recently, and the
+//! tokens the gateway signs for API-key callers to take upstream.
 //!
 //! Verifying an EdDSA signature costs tens of microseconds, more than everything else the
 //! gateway does for a request, and a client sends the same token for its whole lifetime. So
@@ -20,89 +21,16 @@ use std::{
 };
 
 use axum::http::HeaderValue;
-use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::auth::{Claims, TokenError, Verifier};
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::hash_api_key;
 use crate::{
     error::Error,
     store::{ApiKey, Store},
     tokens::TokenIssuer,
 };
-
-/// The authenticated caller.
-#[derive(Debug, Clone)]
-pub enum Principal {
-    /// A user, by access token.
-    User(Arc<Claims>),
-    /// An API key, acting for its owner with its own roles.
-    Key(Arc<ApiKey>),
-}
-
-impl Principal {
-    /// The subject for logs, audit and upstreams: the user id, or `key:<id>`.
-    pub fn subject(&self) -> String {
-        match self {
-            Self::User(claims) => claims.sub.clone(),
-            Self::Key(key) => format!("key:{}", key.id),
-        }
-    }
-
-    /// The user upstreams act for: the token's subject, or the key's owner.
-    pub fn user_id(&self) -> String {
-        match self {
-            Self::User(claims) => claims.sub.clone(),
-            Self::Key(key) => key.owner_id.to_string(),
-        }
-    }
-
-    /// Roles for RBAC.
-    pub fn roles(&self) -> &[String] {
-        match self {
-            Self::User(claims) => &claims.roles,
-            Self::Key(key) => &key.roles,
-        }
-    }
-}
-
-/// Why a caller is not authenticated; the reason goes to logs, audit and metrics only.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthnError {
-    /// No credentials at all.
-    #[error("no credentials")]
-    Missing,
-    /// An `Authorization` header that is not `Bearer <token>`.
-    #[error("unsupported authorization scheme")]
-    Scheme,
-    /// The token was refused.
-    #[error("invalid token: {0}")]
-    Token(TokenError),
-    /// No live key matches.
-    #[error("unknown or revoked API key")]
-    UnknownKey,
-    /// Both a token and a key: ambiguous, refused.
-    #[error("both a token and an API key")]
-    Both,
-    /// A token the gateway signed for an API-key caller's upstream, presented to the gateway.
-    #[error("a token signed for an upstream, not for the gateway")]
-    UpstreamOnly,
-}
-
-impl AuthnError {
-    /// A short stable reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Missing => "missing",
-            Self::Scheme => "scheme",
-            Self::Token(error) => error.reason(),
-            Self::UnknownKey => "unknown_api_key",
-            Self::Both => "ambiguous",
-            Self::UpstreamOnly => "upstream_only_token",
-        }
-    }
-}
 
 const SHARDS: usize = 16;
 
@@ -323,31 +251,13 @@ impl KeyTokens {
     }
 }
 
-/// The prefix every API key starts with, so leaked keys are recognisable by scanners.
-pub const API_KEY_PREFIX: &str = "gwk_";
-
-/// A new API key (256 random bits) and its SHA-256.
-pub fn new_api_key() -> (String, [u8; 32]) {
-    use argon2::password_hash::rand_core::{OsRng, RngCore};
-    let mut bytes = [0u8; 32];
-    OsRng.fill_bytes(&mut bytes);
-    let key = format!("{API_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
-    let hash = hash_api_key(&key);
-    (key, hash)
-}
-
-/// SHA-256 of a presented key.
-pub fn hash_api_key(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use common::auth::{KeySet, Signer};
 
-    const PRIVATE: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-private.pem");
-    const PUBLIC: &[u8] = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
+    const PRIVATE: &[u8] = include_bytes!("../../../common/tests/fixtures/ed25519-private.pem");
+    const PUBLIC: &[u8] = include_bytes!("../../../common/tests/fixtures/ed25519-public.pem");
 
     fn api_key() -> Arc<ApiKey> {
         Arc::new(ApiKey {
@@ -436,15 +346,5 @@ mod tests {
         }
         let cached: usize = cache.shards.iter().map(|s| s.lock().len()).sum();
         assert!(cached <= SHARDS, "{cached}");
-    }
-
-    #[test]
-    fn api_keys_are_random_prefixed_and_hashed() {
-        let (a, hash) = new_api_key();
-        let (b, _) = new_api_key();
-        assert_ne!(a, b);
-        assert!(a.starts_with(API_KEY_PREFIX));
-        assert_eq!(a.len(), API_KEY_PREFIX.len() + 43);
-        assert_eq!(hash_api_key(&a), hash);
     }
 }
