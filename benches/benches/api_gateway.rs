@@ -1,8 +1,9 @@
 //! Benchmarks of the api-gateway core. Group `limiter` (ADR 0006): one rate-limit decision
 //! in process, and one through the production `Limiter` over Redis (its script called bare,
 //! next to GCRA's, is in `rate_limit_algorithms.rs`).
-//! Group `jwt`: verifying an EdDSA access token, uncached and through the gateway's token
-//! cache. Group `routes`: normalising a path and matching it against the default route file.
+//! Group `jwt`: verifying an EdDSA access token, uncached, through the gateway's token
+//! cache when it is cached, and when it misses a full cache and is inserted. Group `routes`:
+//! normalising a path and matching it against the default route file.
 //!
 //! Needs Redis at `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
 //! Run: `cargo bench -p benches --bench api_gateway`.
@@ -92,13 +93,17 @@ fn fixture_token(sub: &str) -> String {
         .sign()
 }
 
-fn jwt_group(c: &mut Criterion) {
+/// A verifier of the fixture key's tokens.
+fn verifier_for_bench() -> common::auth::Verifier {
     let public = include_bytes!("../../common/tests/fixtures/ed25519-public.pem");
     let mut keys = common::auth::KeySet::new();
     keys.insert_ed25519_pem("test", public)
         .expect("fixture key");
-    let verifier = common::auth::Verifier::new(keys, "api-gateway", "backend-suite");
-    let cache = api_gateway::authn::TokenCache::new(verifier, 30, 65_536);
+    common::auth::Verifier::new(keys, "api-gateway", "backend-suite")
+}
+
+fn jwt_group(c: &mut Criterion) {
+    let cache = api_gateway::authn::TokenCache::new(verifier_for_bench(), 30, 65_536);
     let token = fixture_token("0190b5e4-0000-7000-8000-000000000001");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -115,6 +120,19 @@ fn jwt_group(c: &mut Criterion) {
     cache.verify(&token, now).expect("valid");
     group.bench_function("verify_eddsa_cached", |b| {
         b.iter(|| cache.verify(black_box(&token), now).expect("valid"))
+    });
+    // A full cache of 16 (one token per shard) and 256 tokens in turn: every call misses,
+    // verifies the signature and evicts to insert (ADR 0012).
+    let full = api_gateway::authn::TokenCache::new(verifier_for_bench(), 30, 16);
+    let tokens: Vec<String> = (0..256)
+        .map(|i| fixture_token(&format!("0190b5e4-0000-7000-8000-{i:012}")))
+        .collect();
+    let mut next = tokens.iter().cycle();
+    group.bench_function("verify_eddsa_insert_at_capacity", |b| {
+        b.iter(|| {
+            let token = next.next().expect("cycle is endless");
+            full.verify(black_box(token), now).expect("valid")
+        })
     });
     group.finish();
 }
