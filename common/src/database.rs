@@ -7,6 +7,24 @@
 //! error) fails the same way every time; it is a 500 without `Retry-After`, and it means the
 //! edge let through input it should have refused, or a bug.
 
+use crate::problem::Problem;
+
+/// The answer to a request whose statement failed, with the cause logged and not sent: 503
+/// with `Retry-After` for an outage, 500 without it for a refusal. Every service's `Error`
+/// renders its database variant through this, so they all answer alike.
+pub fn problem(error: &sqlx::Error) -> Problem {
+    match Failure::of(error) {
+        Failure::Unavailable => {
+            tracing::error!(%error, "storage is unreachable");
+            Problem::unavailable("storage is unavailable; nothing was changed", 1)
+        }
+        Failure::Refused => {
+            tracing::error!(%error, "storage refused a statement");
+            Problem::internal()
+        }
+    }
+}
+
 /// What a failed statement says about retrying it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -65,7 +83,23 @@ fn refused_class(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use axum::{http::StatusCode, response::IntoResponse as _};
+
     use super::*;
+
+    #[test]
+    fn an_outage_is_a_503_with_retry_after() {
+        let response = problem(&sqlx::Error::PoolTimedOut).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
+    }
+
+    #[test]
+    fn a_refusal_is_a_500_without_retry_after() {
+        let response = problem(&sqlx::Error::RowNotFound).into_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().get("retry-after").is_none());
+    }
 
     #[test]
     fn outages_are_retryable_and_refusals_are_not() {

@@ -7,7 +7,7 @@
 //! [`common::storable`]). The cause of a 5xx is logged, never sent.
 
 use axum::response::{IntoResponse, Response};
-use common::{database::Failure, problem::Problem, storable::Unstorable};
+use common::{database, problem::Problem, storable::Unstorable};
 
 use crate::notification::Invalid;
 
@@ -48,49 +48,12 @@ impl IntoResponse for Error {
         match self {
             Self::Invalid(invalid) => Problem::invalid_field(&invalid.field, invalid.detail),
             Self::Refused(problem) => problem,
-            Self::Database(error) if Failure::of(&error).is_retryable() => {
-                tracing::error!(%error, "storage is unreachable");
-                Problem::unavailable("storage is unavailable; nothing was changed", 1)
-            }
-            Self::Database(error) => {
-                tracing::error!(%error, "storage refused a statement");
-                Problem::internal()
-            }
+            Self::Database(error) => database::problem(&error),
             Self::Unexpected(error) => {
                 tracing::error!(error = format!("{error:#}"), "request failed");
                 Problem::internal()
             }
         }
         .into_response()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::http::StatusCode;
-    use sqlx::Connection as _;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn a_statement_postgresql_refuses_is_a_500_without_retry_after() {
-        let mut db = sqlx::PgConnection::connect(&test_support::test_database_url())
-            .await
-            .expect("PostgreSQL must be running (scripts/test starts it)");
-        let refused = sqlx::query("SELECT $1::text")
-            .bind("nul\0")
-            .execute(&mut db)
-            .await
-            .unwrap_err();
-        let response = Error::from(refused).into_response();
-        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(response.headers().get("retry-after").is_none());
-    }
-
-    #[test]
-    fn an_unreachable_database_is_a_503_with_retry_after() {
-        let response = Error::from(sqlx::Error::PoolTimedOut).into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers()["retry-after"], "1");
     }
 }
