@@ -1,0 +1,7 @@
+//! An order system over an orchestrated saga: the orders service drives inventory, payment
+//! and shipping through commands and replies on Redis Streams, each service writes its
+//! messages to a transactional outbox in the same transaction as its state, and every
+//! consumer is idempotent through an inbox. No overselling, no double charge, and a failed
+//! order is rolled back completely. `docs/order-saga.md` has the whole design.
+//!
+//! # Layout

@@ -1,0 +1,3 @@
+//! The order-saga binary: one subcommand per service process.
+
+fn main() {}
