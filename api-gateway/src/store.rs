@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row, postgres::PgPoolOptions};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use common::storable::StorableText;
@@ -128,17 +128,7 @@ impl Store {
     /// Connects and applies the embedded migrations.
     pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect(url)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to PostgreSQL at {}",
-                    common::config::redact_url(url)
-                )
-            })?;
+        let pool = common::database::connect(url, pool_size, None).await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await

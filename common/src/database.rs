@@ -7,7 +7,55 @@
 //! error) fails the same way every time; it is a 500 without `Retry-After`, and it means the
 //! edge let through input it should have refused, or a bug.
 
-use crate::problem::Problem;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::{
+    PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::{config::redact_url, problem::Problem};
+
+/// Opens a pool of at most `size` connections to `url`, failing with a message that names
+/// the server (password hidden) when it cannot. With `schema`, that schema is created if
+/// missing and every connection's `search_path` is set to it, so a service owning one schema
+/// of a shared database reads and migrates only its own tables. A request waits at most
+/// three seconds for a connection, then fails as an outage (503).
+pub async fn connect(url: &str, size: u32, schema: Option<&str>) -> anyhow::Result<PgPool> {
+    let failed = || format!("cannot connect to PostgreSQL at {}", redact_url(url));
+    let mut options: PgConnectOptions = url.parse().with_context(failed)?;
+    if let Some(schema) = schema {
+        anyhow::ensure!(
+            !schema.is_empty() && schema.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "schema name {schema:?} must be lowercase letters and underscores"
+        );
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(3))
+            .connect_with(options.clone())
+            .await
+            .with_context(failed)?;
+        // Several instances may start at once: IF NOT EXISTS still races on the catalog's
+        // unique index, so a duplicate means another instance made it first.
+        match sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+            .execute(&admin)
+            .await
+        {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("23505") => {}
+            Err(error) => return Err(error).context(format!("cannot create schema {schema}")),
+        }
+        admin.close().await;
+        options = options.options([("search_path", schema)]);
+    }
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(options)
+        .await
+        .with_context(failed)
+}
 
 /// The answer to a request whose statement failed, with the cause logged and not sent: 503
 /// with `Retry-After` for an outage, 500 without it for a refusal. Every service's `Error`

@@ -14,7 +14,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 use serde_json::Value;
-use sqlx::{PgPool, Row, postgres::PgPoolOptions};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::{
@@ -158,17 +158,7 @@ impl PgStore {
     /// Connects, and brings the schema up to date with the embedded migrations.
     pub async fn connect(url: &str, pool_size: u32) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(std::time::Duration::from_secs(3))
-            .connect(url)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot connect to PostgreSQL at {}",
-                    common::config::redact_url(url)
-                )
-            })?;
+        let pool = common::database::connect(url, pool_size, None).await?;
         sqlx::migrate!("./migrations")
             .run(&pool)
             .await
