@@ -5,3 +5,18 @@
 //! order is rolled back completely. `docs/order-saga.md` has the whole design.
 //!
 //! # Layout
+//! - [`messages`]: the saga's steps, commands and replies, and their envelope.
+//! - [`bus`]: the outbox and its relay, the stream consumer with its inbox, reclaim and dead
+//!   letters.
+
+pub mod bus;
+pub mod messages;
+pub mod api;
+pub mod error;
+pub mod inventory;
+pub mod settings;
+pub mod startup;
+pub mod shipping;
+pub mod orders;
+pub mod all;
+pub mod invariants;
