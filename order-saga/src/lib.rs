@@ -5,3 +5,9 @@
 //! order is rolled back completely. `docs/order-saga.md` has the whole design.
 //!
 //! # Layout
+//! - [`provider`]: the fake external payment provider, its own process (`order-saga provider`).
+//! - [`payment`]: the payment service; [`payment::client`] calls the provider with timeouts,
+//!   retries and a circuit breaker, and never charges twice.
+
+pub mod payment;
+pub mod provider;
