@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`auth`]: JWT access tokens: the claims the gateway issues and every service verifies,
 //!   and [`auth::bearer`], which reads them from `Authorization`.
+//! - [`breaker`]: the circuit breaker the gateway keeps per upstream target and the order
+//!   saga's payment service keeps for its provider.
 //! - [`config`]: what every service's clap `Settings` shares: the serving flags
 //!   ([`config::ServeSettings`]), duration, size and secret parsers, URL redaction.
 //! - [`telemetry`]: `tracing` setup, pretty for people or JSON lines for machines.
@@ -22,6 +24,7 @@
 //!   `Retry-After`) and which it cannot (500).
 
 pub mod auth;
+pub mod breaker;
 pub mod config;
 #[cfg(feature = "postgres")]
 pub mod database;

@@ -8,10 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use common::config::parse_secret;
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::{
-    bus::dead_letters,
-    messages::Service,
-};
+use crate::{bus::dead_letters, messages::Service};
 
 /// `order-saga all`: every service and the provider in one process.
 #[derive(Debug, Clone, Args)]
@@ -45,7 +42,12 @@ pub struct AllSettings {
 impl AllSettings {
     /// Settings of one service as its own command line would give them: `--listen`, the
     /// backends and the prefix from here, `extra` on top, the rest at their defaults.
-    pub fn service<T: Parser>(&self, name: &str, listen: SocketAddr, extra: &[String]) -> anyhow::Result<T> {
+    pub fn service<T: Parser>(
+        &self,
+        name: &str,
+        listen: SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<T> {
         let mut args = vec![
             name.to_owned(),
             "--listen".into(),
@@ -102,11 +104,18 @@ pub async fn dead_letter_command(command: DeadLetterCommand) -> anyhow::Result<(
         .find(|s| s.as_str() == args.service)
         .context("unknown service")?;
     let stream = service.stream(&args.stream_prefix);
-    let client = redis::Client::open(args.redis_url.expose_secret()).context("invalid REDIS_URL")?;
-    let mut redis = client.get_multiplexed_async_connection().await.context("cannot connect to Redis")?;
+    let client =
+        redis::Client::open(args.redis_url.expose_secret()).context("invalid REDIS_URL")?;
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("cannot connect to Redis")?;
     if replay {
         let replayed = dead_letters::replay(&mut redis, &stream, args.id.as_deref()).await?;
-        println!("{}", serde_json::json!({ "stream": stream, "replayed": replayed }));
+        println!(
+            "{}",
+            serde_json::json!({ "stream": stream, "replayed": replayed })
+        );
     } else {
         for letter in dead_letters::list(&mut redis, &stream, args.limit).await? {
             println!("{}", serde_json::to_string(&letter)?);

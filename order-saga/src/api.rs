@@ -3,11 +3,7 @@
 
 use std::collections::HashMap;
 
-use axum::{
-    body::Bytes,
-    extract::rejection::BytesRejection,
-    http::HeaderMap,
-};
+use axum::{body::Bytes, extract::rejection::BytesRejection, http::HeaderMap};
 use common::{
     http::{JsonFields, Page, PageSize, json_object},
     problem::Problem,
@@ -20,13 +16,19 @@ pub fn path_uuid(raw: &str) -> Result<Uuid, Problem> {
 }
 
 /// The query string as parameters, refusing any not in `allowed` (400 naming it).
-pub fn query_params(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, String>, Problem> {
+pub fn query_params(
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, Problem> {
     let mut params = HashMap::new();
     for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(name).ok_or_else(|| Problem::malformed("the query string is not valid percent-encoded UTF-8"))?;
+        let name = decode(name).ok_or_else(|| {
+            Problem::malformed("the query string is not valid percent-encoded UTF-8")
+        })?;
         let value = decode(value).ok_or_else(|| {
-            Problem::malformed("the query string is not valid percent-encoded UTF-8").with_field(name.clone())
+            Problem::malformed("the query string is not valid percent-encoded UTF-8")
+                .with_field(name.clone())
         })?;
         if !allowed.contains(&name.as_str()) {
             return Err(Problem::malformed(format!(
@@ -36,7 +38,10 @@ pub fn query_params(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<Strin
             .with_field(name));
         }
         if params.insert(name.clone(), value).is_some() {
-            return Err(Problem::malformed(format!("query parameter {name:?} is given twice")).with_field(name));
+            return Err(
+                Problem::malformed(format!("query parameter {name:?} is given twice"))
+                    .with_field(name),
+            );
         }
     }
     Ok(params)
@@ -54,12 +59,17 @@ pub fn page(params: &HashMap<String, String>, size: PageSize) -> Result<Page<Uui
 
 /// A required query parameter that must be a UUID (422 naming it).
 pub fn uuid_param(params: &HashMap<String, String>, name: &str) -> Result<Uuid, Problem> {
-    let raw = params.get(name).ok_or_else(|| Problem::invalid_field(name, "is required"))?;
+    let raw = params
+        .get(name)
+        .ok_or_else(|| Problem::invalid_field(name, "is required"))?;
     Uuid::parse_str(raw).map_err(|_| Problem::invalid_field(name, "must be a UUID"))
 }
 
 /// The body as JSON object fields (413, 415 or 400 otherwise).
-pub fn fields(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<JsonFields, Problem> {
+pub fn fields(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<JsonFields, Problem> {
     json_object(headers, body).map(JsonFields::from)
 }
 

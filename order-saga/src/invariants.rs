@@ -115,7 +115,10 @@ pub async fn check(pool: &PgPool, slack: Duration) -> sqlx::Result<Vec<Violation
     )
     .fetch_all(pool)
     .await?;
-    violations.extend(shipped.into_iter().map(|detail| Violation { rule: "a cancelled order keeps no shipment", detail }));
+    violations.extend(shipped.into_iter().map(|detail| Violation {
+        rule: "a cancelled order keeps no shipment",
+        detail,
+    }));
     Ok(violations)
 }
 
@@ -142,8 +145,10 @@ pub async fn counts(pool: &PgPool) -> sqlx::Result<Counts> {
 
 /// Units sold beyond what was received, per product: must be zero.
 pub async fn oversold(pool: &PgPool, product: Uuid) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT greatest(sold + held - received, 0)::bigint FROM inventory.products WHERE id = $1")
-        .bind(product)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar(
+        "SELECT greatest(sold + held - received, 0)::bigint FROM inventory.products WHERE id = $1",
+    )
+    .bind(product)
+    .fetch_one(pool)
+    .await
 }

@@ -48,23 +48,38 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Orders(settings) => {
             common::telemetry::init(&settings.shared.telemetry);
-            orders::build(settings).await?.run_until_stopped(shutdown).await
+            orders::build(settings)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
         }
         Command::Inventory(settings) => {
             common::telemetry::init(&settings.shared.telemetry);
-            inventory::build(settings).await?.run_until_stopped(shutdown).await
+            inventory::build(settings)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
         }
         Command::Payment(settings) => {
             common::telemetry::init(&settings.shared.telemetry);
-            payment::build(settings).await?.run_until_stopped(shutdown).await
+            payment::build(settings)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
         }
         Command::Shipping(settings) => {
             common::telemetry::init(&settings.shared.telemetry);
-            shipping::build(settings).await?.run_until_stopped(shutdown).await
+            shipping::build(settings)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
         }
         Command::Provider(settings) => {
             common::telemetry::init(&settings.telemetry);
-            provider::Application::build(settings).await?.run_until_stopped(shutdown).await
+            provider::Application::build(settings)
+                .await?
+                .run_until_stopped(shutdown)
+                .await
         }
         Command::All(settings) => run_all(settings, shutdown).await,
         Command::DeadLetters(command) => dead_letter_command(command).await,
@@ -72,7 +87,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Every process of the system in this one, stopping together.
-async fn run_all(settings: AllSettings, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+async fn run_all(
+    settings: AllSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     #[derive(Parser)]
     struct One<T: clap::Args> {
         #[command(flatten)]
@@ -82,12 +100,20 @@ async fn run_all(settings: AllSettings, shutdown: impl Future<Output = ()> + Sen
     common::telemetry::init(&provider.settings.telemetry);
     let provider_url = format!("http://{}", settings.provider_listen);
     let inventory_url = format!("http://{}", settings.inventory_listen);
-    let inventory: One<InventorySettings> = settings.service("inventory", settings.inventory_listen, &[])?;
-    let payment: One<PaymentSettings> =
-        settings.service("payment", settings.payment_listen, &["--provider-url".into(), provider_url])?;
-    let shipping: One<ShippingSettings> = settings.service("shipping", settings.shipping_listen, &[])?;
-    let orders: One<OrdersSettings> =
-        settings.service("orders", settings.orders_listen, &["--inventory-url".into(), inventory_url])?;
+    let inventory: One<InventorySettings> =
+        settings.service("inventory", settings.inventory_listen, &[])?;
+    let payment: One<PaymentSettings> = settings.service(
+        "payment",
+        settings.payment_listen,
+        &["--provider-url".into(), provider_url],
+    )?;
+    let shipping: One<ShippingSettings> =
+        settings.service("shipping", settings.shipping_listen, &[])?;
+    let orders: One<OrdersSettings> = settings.service(
+        "orders",
+        settings.orders_listen,
+        &["--inventory-url".into(), inventory_url],
+    )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -115,6 +141,10 @@ async fn run_all(settings: AllSettings, shutdown: impl Future<Output = ()> + Sen
 }
 
 fn provider_settings<T: Parser>(settings: &AllSettings) -> anyhow::Result<T> {
-    T::try_parse_from(["provider".to_owned(), "--listen".into(), settings.provider_listen.to_string()])
-        .map_err(Into::into)
+    T::try_parse_from([
+        "provider".to_owned(),
+        "--listen".into(),
+        settings.provider_listen.to_string(),
+    ])
+    .map_err(Into::into)
 }

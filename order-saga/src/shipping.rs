@@ -62,7 +62,11 @@ pub async fn build(settings: ShippingSettings) -> anyhow::Result<Application> {
         pool: core.pool.clone(),
         relay: core.relay.clone(),
         replies: Service::Orders.stream(&core.prefix),
-        ship_to: settings.ship_to.iter().map(|c| c.trim().to_ascii_uppercase()).collect(),
+        ship_to: settings
+            .ship_to
+            .iter()
+            .map(|c| c.trim().to_ascii_uppercase())
+            .collect(),
     });
     core.consume(&settings.shared, handler).await?;
     let api = Router::new()
@@ -89,7 +93,9 @@ impl Handler for ShipmentHandler {
             Body::CreateShipment { address } => {
                 match create(&mut tx, order, address, &self.ship_to).await? {
                     None => envelope.reply(Step::CreateShipment, Outcome::Succeeded, None),
-                    Some(reason) => envelope.reply(Step::CreateShipment, Outcome::Failed, Some(reason)),
+                    Some(reason) => {
+                        envelope.reply(Step::CreateShipment, Outcome::Failed, Some(reason))
+                    }
                 }
             }
             Body::CancelShipment => {
@@ -125,7 +131,7 @@ async fn create(
             _ => Some("the shipment was already cancelled".into()),
         });
     }
-    let served = ship_to.iter().any(|c| *c == address.country);
+    let served = ship_to.contains(&address.country);
     let reason = (!served).then(|| format!("destination not served: {}", address.country));
     sqlx::query(
         "INSERT INTO shipments (order_id, state, reason, country, address) VALUES ($1, $2, $3, $4, $5)",

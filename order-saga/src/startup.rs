@@ -84,18 +84,27 @@ impl Core {
         .await?;
         bus::migrate(&pool, migrator).await?;
         let url = shared.backends.redis_url.expose_secret();
-        let redis_client = redis::Client::open(url).with_context(|| {
-            format!("invalid REDIS_URL {}", common::config::redact_url(url))
-        })?;
+        let redis_client = redis::Client::open(url)
+            .with_context(|| format!("invalid REDIS_URL {}", common::config::redact_url(url)))?;
         let redis = ConnectionManager::new_with_config(
             redis_client.clone(),
             ConnectionManagerConfig::new().set_response_timeout(Some(Duration::from_secs(2))),
         )
         .await
-        .with_context(|| format!("cannot connect to Redis at {}", common::config::redact_url(url)))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to Redis at {}",
+                common::config::redact_url(url)
+            )
+        })?;
         let mut registry = Registry::with_prefix(format!("order_saga_{}", service.as_str()));
         let bus_metrics = BusMetrics::register(&mut registry);
-        let relay = Relay::new(pool.clone(), redis.clone(), shared.bus.relay(), bus_metrics.clone());
+        let relay = Relay::new(
+            pool.clone(),
+            redis.clone(),
+            shared.bus.relay(),
+            bus_metrics.clone(),
+        );
         let relaying = Background::new();
         relaying.spawn(|stop| relay.clone().run(stop));
         Ok(Self {
@@ -140,7 +149,10 @@ impl Core {
         let listener = TcpListener::bind(shared.serve.listen)
             .await
             .with_context(|| format!("failed to bind {}", shared.serve.listen))?;
-        let port = listener.local_addr().context("failed to read the bound address")?.port();
+        let port = listener
+            .local_addr()
+            .context("failed to read the bound address")?
+            .port();
         let http_metrics = HttpMetrics::register(&mut self.registry);
         let ready = Arc::new(AtomicBool::new(true));
         let ops = Ops {
@@ -197,7 +209,10 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let address = self.listener.local_addr().context("failed to read the bound address")?;
+        let address = self
+            .listener
+            .local_addr()
+            .context("failed to read the bound address")?;
         tracing::info!(service = self.service.as_str(), addr = %address, "listening");
         let ready = Arc::clone(&self.ready);
         let delay = self.readiness_delay;
@@ -213,10 +228,19 @@ impl Application {
             .await
             .context("server failed")?;
         let started = started_rx.await.unwrap_or_else(|_| Instant::now());
-        let workers = self.workers.stop(grace.saturating_sub(started.elapsed())).await;
-        let relayed = self.relaying.stop(grace.saturating_sub(started.elapsed())).await;
+        let workers = self
+            .workers
+            .stop(grace.saturating_sub(started.elapsed()))
+            .await;
+        let relayed = self
+            .relaying
+            .stop(grace.saturating_sub(started.elapsed()))
+            .await;
         if drained && workers && relayed {
-            tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped cleanly");
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "stopped cleanly"
+            );
         } else {
             tracing::warn!(
                 requests_drained = drained,

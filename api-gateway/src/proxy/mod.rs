@@ -2,7 +2,7 @@
 //! upstream pool and streams the answer back.
 //!
 //! - [`ring`]: sticky target choice by consistent hashing of the user (ADR 0007).
-//! - [`breaker`]: a circuit breaker per target.
+//! - [`breaker`]: a circuit breaker per target (the shared `common::breaker`).
 //! - `health`: active health checks.
 //! - `forward`: one request's way through: headers, body limit, target choice, timeouts,
 //!   retries of idempotent methods.
@@ -82,7 +82,7 @@ pub struct UpstreamSettings {
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// When a target's breaker opens and how it recovers.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "breaker::deserialize_settings")]
     pub breaker: BreakerSettings,
     /// Largest request body forwarded (413 past it).
     #[serde(default = "default_max_body_bytes")]

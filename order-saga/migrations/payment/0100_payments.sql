@@ -7,6 +7,8 @@ CREATE TABLE payments (
     amount bigint NOT NULL CHECK (amount >= 0),
     currency text NOT NULL,
     provider_id text,
+    -- Whether a request for the authorization may ever have reached the provider.
+    attempted boolean NOT NULL DEFAULT false,
     reason text,
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now()

@@ -215,7 +215,11 @@ impl<H: Handler> Consumer<H> {
                 Err(error) if attempt < self.settings.retries_in_place => {
                     attempt += 1;
                     let delay = backoff(self.settings.retry_base, attempt);
-                    tracing::debug!(error = format!("{error:#}"), ?delay, "handler failed; retrying");
+                    tracing::debug!(
+                        error = format!("{error:#}"),
+                        ?delay,
+                        "handler failed; retrying"
+                    );
                     tokio::time::sleep(delay).await;
                 }
                 Err(error) => {
@@ -258,7 +262,9 @@ impl<H: Handler> Consumer<H> {
                 self.metrics.dead_lettered.inc();
                 tracing::error!(stream = %self.settings.stream, id = %entry.id, reason, "message moved to the dead-letter stream");
             }
-            Err(error) => tracing::warn!(%error, id = %entry.id, "cannot dead-letter; left pending"),
+            Err(error) => {
+                tracing::warn!(%error, id = %entry.id, "cannot dead-letter; left pending")
+            }
         }
     }
 
@@ -298,7 +304,11 @@ impl<H: Handler> Consumer<H> {
                         .map_or(0, |(_, n)| *n);
                     async move {
                         if delivered >= self.settings.max_deliveries {
-                            self.dead_letter(&entry, &format!("delivered {delivered} times without success")).await;
+                            self.dead_letter(
+                                &entry,
+                                &format!("delivered {delivered} times without success"),
+                            )
+                            .await;
                         } else {
                             self.deliver(entry).await;
                         }
@@ -316,8 +326,14 @@ impl<H: Handler> Consumer<H> {
 
     /// How many times each of `entries` has been delivered.
     async fn deliveries(&self, entries: &[StreamId]) -> anyhow::Result<Vec<(String, usize)>> {
-        let first = entries.iter().map(|e| e.id.as_str()).min_by(|a, b| stream_id_cmp(a, b));
-        let last = entries.iter().map(|e| e.id.as_str()).max_by(|a, b| stream_id_cmp(a, b));
+        let first = entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .min_by(|a, b| stream_id_cmp(a, b));
+        let last = entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .max_by(|a, b| stream_id_cmp(a, b));
         let (Some(first), Some(last)) = (first, last) else {
             return Ok(Vec::new());
         };
@@ -353,7 +369,10 @@ fn parse(entry: &StreamId) -> Option<Envelope> {
 fn stream_id_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let split = |id: &str| {
         let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse::<u64>().unwrap_or(0), seq.parse::<u64>().unwrap_or(0))
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
     };
     split(a).cmp(&split(b))
 }

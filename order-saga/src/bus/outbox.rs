@@ -22,7 +22,11 @@ use super::metrics::BusMetrics;
 use crate::messages::Envelope;
 
 /// Writes `envelope` to the outbox for `stream`, in the transaction `conn` is in.
-pub async fn enqueue(conn: &mut PgConnection, stream: &str, envelope: &Envelope) -> sqlx::Result<()> {
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    stream: &str,
+    envelope: &Envelope,
+) -> sqlx::Result<()> {
     let body = serde_json::to_string(envelope).expect("an envelope always serializes");
     sqlx::query("INSERT INTO outbox (id, stream, body) VALUES ($1, $2, $3)")
         .bind(envelope.id)
@@ -59,7 +63,12 @@ pub struct Relay {
 
 impl Relay {
     /// A relay over the outbox of `pool`'s schema.
-    pub fn new(pool: PgPool, redis: ConnectionManager, settings: RelaySettings, metrics: BusMetrics) -> Self {
+    pub fn new(
+        pool: PgPool,
+        redis: ConnectionManager,
+        settings: RelaySettings,
+        metrics: BusMetrics,
+    ) -> Self {
         Self {
             pool,
             redis,

@@ -30,7 +30,10 @@ use crate::{
     error::Result,
 };
 
-const PAGE: PageSize = PageSize { default: 50, max: 500 };
+const PAGE: PageSize = PageSize {
+    default: 50,
+    max: 500,
+};
 
 /// The largest stock one request may add, and a product may hold (PostgreSQL `integer`).
 pub const MAX_STOCK: i64 = 1_000_000_000;
@@ -53,7 +56,7 @@ async fn create_product(
     let mut body = fields(&headers, body)?;
     let sku = body.required("sku", |v| text(v, 64))?;
     let name = body.required("name", |v| text(v, 200))?;
-    let price = body.required("price", |v| integer(v, 0, 100_000_000_00))?;
+    let price = body.required("price", |v| integer(v, 0, 10_000_000_000))?;
     let currency = body.required("currency", currency)?;
     let stock = body.required("stock", |v| integer(v, 0, MAX_STOCK))?;
     body.finish("a product")?;
@@ -73,9 +76,14 @@ async fn create_product(
     .fetch_optional(&pool)
     .await?;
     let Some(row) = row else {
-        return Err(Problem::new(StatusCode::CONFLICT, "conflict", "Conflict", "a product with this sku exists")
-            .with_field("sku")
-            .into());
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Conflict",
+            "a product with this sku exists",
+        )
+        .with_field("sku")
+        .into());
     };
     Ok((
         StatusCode::CREATED,
@@ -88,14 +96,18 @@ async fn create_product(
 async fn list_products(State(pool): State<PgPool>, RawQuery(query): RawQuery) -> Result<Response> {
     let params = query_params(query.as_deref(), &["limit", "cursor"])?;
     let page = page(&params, PAGE)?;
-    let rows = sqlx::query("SELECT * FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2")
-        .bind(page.cursor)
-        .bind(page.limit as i64 + 1)
-        .fetch_all(&pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT * FROM products WHERE $1::uuid IS NULL OR id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(page.cursor)
+    .bind(page.limit as i64 + 1)
+    .fetch_all(&pool)
+    .await?;
     let more = rows.len() > page.limit;
     let items: Vec<Value> = rows.iter().take(page.limit).map(product).collect();
-    let next = more.then(|| items.last().map(|p| p["id"].clone())).flatten();
+    let next = more
+        .then(|| items.last().map(|p| p["id"].clone()))
+        .flatten();
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
@@ -131,12 +143,17 @@ async fn add_stock(
     match row {
         Some(row) => Ok(Json(product(&row)).into_response()),
         None => {
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM products WHERE id = $1)")
-                .bind(id)
-                .fetch_one(&pool)
-                .await?;
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM products WHERE id = $1)")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await?;
             if exists {
-                Err(Problem::invalid_field("add", format!("a product holds at most {MAX_STOCK} units")).into())
+                Err(Problem::invalid_field(
+                    "add",
+                    format!("a product holds at most {MAX_STOCK} units"),
+                )
+                .into())
             } else {
                 Err(Problem::not_found().into())
             }

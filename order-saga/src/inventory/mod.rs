@@ -81,7 +81,9 @@ pub async fn sweep(pool: &PgPool) -> anyhow::Result<usize> {
     let mut total = 0;
     loop {
         let mut tx = pool.begin().await.context("failed to begin")?;
-        let released = stock::expire(&mut tx, 100).await.context("failed to expire holds")?;
+        let released = stock::expire(&mut tx, 100)
+            .await
+            .context("failed to expire holds")?;
         tx.commit().await.context("failed to commit")?;
         if !released.is_empty() {
             tracing::info!(holds = released.len(), "expired holds released");

@@ -75,7 +75,11 @@ pub async fn reserve(
 }
 
 /// Records that `order_id` could not be held, naming the first line short of stock.
-pub async fn refuse(conn: &mut PgConnection, order_id: Uuid, lines: &[Line]) -> sqlx::Result<String> {
+pub async fn refuse(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    lines: &[Line],
+) -> sqlx::Result<String> {
     let products: Vec<Uuid> = lines.iter().map(|l| l.product_id).collect();
     let quantities: Vec<i32> = lines.iter().map(|l| l.quantity).collect();
     let short: Option<Uuid> = sqlx::query_scalar(
@@ -122,8 +126,16 @@ pub async fn confirm(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<Ve
         Some((state, true)) if state == "held" => {
             // Past its time but not yet swept: give it back now rather than sell it late.
             move_stock(conn, order_id, Movement::HeldToAvailable).await?;
-            set_state(conn, order_id, "expired", Some("the hold expired before confirmation")).await?;
-            Ok(Verdict::Refused("the stock hold expired before confirmation".into()))
+            set_state(
+                conn,
+                order_id,
+                "expired",
+                Some("the hold expired before confirmation"),
+            )
+            .await?;
+            Ok(Verdict::Refused(
+                "the stock hold expired before confirmation".into(),
+            ))
         }
         Some((state, _)) => Ok(Verdict::Refused(format!("the order's stock is {state}"))),
         None => Ok(Verdict::Refused("the order holds no stock".into())),
@@ -188,7 +200,11 @@ enum Movement {
 
 /// Moves the units of `order_id`'s lines, locking its products in id order (as
 /// [`reserve`] does) so concurrent moves over the same products cannot deadlock.
-async fn move_stock(conn: &mut PgConnection, order_id: Uuid, movement: Movement) -> sqlx::Result<()> {
+async fn move_stock(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    movement: Movement,
+) -> sqlx::Result<()> {
     let assignments = match movement {
         Movement::HeldToSold => "held = held - l.quantity, sold = sold + l.quantity",
         Movement::HeldToAvailable => "held = held - l.quantity, available = available + l.quantity",

@@ -44,7 +44,10 @@ impl Catalog {
         }
         let unavailable = |error: &dyn std::fmt::Display| {
             tracing::warn!(%error, "inventory unreachable for a price");
-            Problem::unavailable("the inventory service is unavailable; nothing was changed", 1)
+            Problem::unavailable(
+                "the inventory service is unavailable; nothing was changed",
+                1,
+            )
         };
         let response = self
             .http

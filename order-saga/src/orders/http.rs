@@ -29,7 +29,10 @@ use crate::{
     error::Result,
 };
 
-const PAGE: PageSize = PageSize { default: 20, max: 200 };
+const PAGE: PageSize = PageSize {
+    default: 20,
+    max: 200,
+};
 
 /// The orders routes.
 pub fn router(orders: Orders) -> Router {
@@ -67,11 +70,22 @@ async fn create(
             .ok_or_else(|| Problem::invalid_field(&field, "is not a product of the catalogue"))?;
         match &currency {
             Some(c) if *c != price.currency => {
-                return Err(Problem::invalid_field(&field, format!("is priced in {}, the order in {c}; one currency per order", price.currency)).into());
+                return Err(Problem::invalid_field(
+                    &field,
+                    format!(
+                        "is priced in {}, the order in {c}; one currency per order",
+                        price.currency
+                    ),
+                )
+                .into());
             }
             _ => currency = Some(price.currency.clone()),
         }
-        lines.push(PricedLine { product_id: item.product_id, quantity: item.quantity, unit_price: price.price });
+        lines.push(PricedLine {
+            product_id: item.product_id,
+            quantity: item.quantity,
+            unit_price: price.price,
+        });
     }
     let traceparent = headers
         .get("traceparent")
@@ -91,7 +105,11 @@ async fn create(
     )
     .await?;
     match created {
-        Created::Answer { status, body, replayed } => {
+        Created::Answer {
+            status,
+            body,
+            replayed,
+        } => {
             if !replayed {
                 orders.relay.wake();
                 orders.metrics.created.inc();
@@ -100,7 +118,10 @@ async fn create(
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
             let mut response = (status, [(header::LOCATION, location)], Json(body)).into_response();
             if replayed {
-                response.headers_mut().insert("idempotent-replayed", header::HeaderValue::from_static("true"));
+                response.headers_mut().insert(
+                    "idempotent-replayed",
+                    header::HeaderValue::from_static("true"),
+                );
             }
             Ok(response)
         }
@@ -128,36 +149,57 @@ async fn list(State(orders): State<Orders>, RawQuery(query): RawQuery) -> Result
     let params = query_params(query.as_deref(), &["limit", "cursor"])?;
     let page = page(&params, PAGE)?;
     let (items, more) = store::list(&orders.pool, page.cursor, page.limit).await?;
-    let next = more.then(|| items.last().map(|o| o["id"].clone())).flatten();
+    let next = more
+        .then(|| items.last().map(|o| o["id"].clone()))
+        .flatten();
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
 async fn one(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
     let id = path_uuid(&id)?;
-    let order = store::get(&orders.pool, id).await?.ok_or_else(Problem::not_found)?;
+    let order = store::get(&orders.pool, id)
+        .await?
+        .ok_or_else(Problem::not_found)?;
     Ok(Json(order).into_response())
 }
 
 async fn cancel(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
     let id = path_uuid(&id)?;
     let mut tx = orders.pool.begin().await?;
-    let applied = store::apply(&mut tx, id, Event::CancelRequested, &orders.prefix, &orders.limits).await?;
+    let applied = store::apply(
+        &mut tx,
+        id,
+        Event::CancelRequested,
+        &orders.prefix,
+        &orders.limits,
+    )
+    .await?;
     match applied {
         None => return Err(Problem::not_found().into()),
         Some(Err(Ignored::Terminal)) => {
             return Err(conflict("the order is already finished").into());
         }
         Some(Err(_)) => {
-            return Err(conflict("the shipment is being booked or the order is already being cancelled").into());
+            return Err(conflict(
+                "the shipment is being booked or the order is already being cancelled",
+            )
+            .into());
         }
         Some(Ok(_)) => {}
     }
     tx.commit().await?;
     orders.relay.wake();
-    let order = store::get(&orders.pool, id).await?.ok_or_else(Problem::not_found)?;
+    let order = store::get(&orders.pool, id)
+        .await?
+        .ok_or_else(Problem::not_found)?;
     Ok((StatusCode::ACCEPTED, Json(order)).into_response())
 }
 
 fn conflict(detail: &str) -> Problem {
-    Problem::new(StatusCode::CONFLICT, "cannot-cancel", "Cannot cancel", detail)
+    Problem::new(
+        StatusCode::CONFLICT,
+        "cannot-cancel",
+        "Cannot cancel",
+        detail,
+    )
 }

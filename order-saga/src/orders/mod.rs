@@ -21,7 +21,11 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use clap::Args;
 use common::config::{ServeDefaults, parse_duration};
-use prometheus_client::{encoding::EncodeLabelSet, metrics::{counter::Counter, family::Family}, registry::Registry};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use sqlx::PgPool;
 
 use crate::{
@@ -99,16 +103,32 @@ pub struct OrdersMetrics {
 
 impl OrdersMetrics {
     fn register(registry: &mut Registry) -> Self {
-        let metrics = Self { created: Counter::default(), finished: Family::default(), timeouts: Counter::default() };
+        let metrics = Self {
+            created: Counter::default(),
+            finished: Family::default(),
+            timeouts: Counter::default(),
+        };
         registry.register("orders_created", "Orders created", metrics.created.clone());
-        registry.register("sagas_finished", "Sagas that reached a terminal status, by status", metrics.finished.clone());
-        registry.register("step_timeouts", "Saga steps that passed their deadline", metrics.timeouts.clone());
+        registry.register(
+            "sagas_finished",
+            "Sagas that reached a terminal status, by status",
+            metrics.finished.clone(),
+        );
+        registry.register(
+            "step_timeouts",
+            "Saga steps that passed their deadline",
+            metrics.timeouts.clone(),
+        );
         metrics
     }
 
     fn finished(&self, status: Status) {
         if status != Status::Pending {
-            self.finished.get_or_create(&Finished { status: status.as_str() }).inc();
+            self.finished
+                .get_or_create(&Finished {
+                    status: status.as_str(),
+                })
+                .inc();
         }
     }
 }
@@ -136,7 +156,8 @@ pub async fn build(settings: OrdersSettings) -> anyhow::Result<Application> {
         limits: settings.limits(),
         metrics,
     };
-    core.consume(&settings.shared, Arc::new(orders.clone())).await?;
+    core.consume(&settings.shared, Arc::new(orders.clone()))
+        .await?;
     let sweeper = orders.clone();
     let every = settings.sweep_every;
     let ttl = settings.idempotency_ttl.max(Duration::from_secs(24 * 3600));
@@ -180,15 +201,32 @@ impl Orders {
 
 impl Handler for Orders {
     async fn handle(&self, envelope: Envelope) -> anyhow::Result<Applied> {
-        let Body::Reply { step, outcome, reason } = envelope.body else {
+        let Body::Reply {
+            step,
+            outcome,
+            reason,
+        } = envelope.body
+        else {
             anyhow::bail!("orders only takes replies, not {:?}", envelope.body);
         };
         let mut tx = self.pool.begin().await.context("failed to begin")?;
         if !inbox::first_delivery(&mut tx, envelope.id).await? {
             return Ok(Applied::Duplicate);
         }
-        let event = Event::Replied { step, attempt: envelope.attempt, outcome, reason };
-        let applied = store::apply(&mut tx, envelope.order_id, event, &self.prefix, &self.limits).await?;
+        let event = Event::Replied {
+            step,
+            attempt: envelope.attempt,
+            outcome,
+            reason,
+        };
+        let applied = store::apply(
+            &mut tx,
+            envelope.order_id,
+            event,
+            &self.prefix,
+            &self.limits,
+        )
+        .await?;
         tx.commit().await.context("failed to commit")?;
         match applied {
             Some(Ok(transition)) => {

@@ -1,7 +1,9 @@
 //! A new order as a buyer sends it, parsed at the edge into types the rest of the service
 //! can trust: every field checked and named when refused, nothing persisted until all pass.
 
-use common::{http::JsonFields, http::json_fields::string, problem::Problem, storable::StorableText};
+use common::{
+    http::JsonFields, http::json_fields::string, problem::Problem, storable::StorableText,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -52,18 +54,26 @@ fn items_of(value: Value) -> Result<Vec<Line>, Problem> {
         return Err(Problem::invalid_field("items", "must not be empty"));
     }
     if items.len() > MAX_ITEMS {
-        return Err(Problem::invalid_field("items", format!("must have at most {MAX_ITEMS} items")));
+        return Err(Problem::invalid_field(
+            "items",
+            format!("must have at most {MAX_ITEMS} items"),
+        ));
     }
     let mut lines: Vec<Line> = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let at = |name: &str| format!("items[{i}].{name}");
         let Value::Object(item) = item else {
-            return Err(Problem::invalid_field(&format!("items[{i}]"), "must be an object"));
+            return Err(Problem::invalid_field(
+                &format!("items[{i}]"),
+                "must be an object",
+            ));
         };
         let mut item = JsonFields::from(item);
         let product_id = item
             .required("product_id", |v| {
-                string(v).and_then(|s| Uuid::parse_str(&s).map_err(|_| "must be a product id (a UUID)".into()))
+                string(v).and_then(|s| {
+                    Uuid::parse_str(&s).map_err(|_| "must be a product id (a UUID)".into())
+                })
             })
             .map_err(|p| p.with_field(at("product_id")))?;
         let quantity = item
@@ -83,14 +93,20 @@ fn items_of(value: Value) -> Result<Vec<Line>, Problem> {
                 "appears twice; send one item per product with the total quantity",
             ));
         }
-        lines.push(Line { product_id, quantity: quantity as i32 });
+        lines.push(Line {
+            product_id,
+            quantity: quantity as i32,
+        });
     }
     Ok(lines)
 }
 
 fn address_of(value: Value) -> Result<Address, Problem> {
     let Value::Object(address) = value else {
-        return Err(Problem::invalid_field("shipping_address", "must be an object"));
+        return Err(Problem::invalid_field(
+            "shipping_address",
+            "must be an object",
+        ));
     };
     let mut address = JsonFields::from(address);
     let field = |name: &str| format!("shipping_address.{name}");
@@ -115,7 +131,13 @@ fn address_of(value: Value) -> Result<Address, Problem> {
         let unknown = p.field.clone().unwrap_or_default();
         p.with_field(field(&unknown))
     })?;
-    Ok(Address { name, line1, city, postal_code, country })
+    Ok(Address {
+        name,
+        line1,
+        city,
+        postal_code,
+        country,
+    })
 }
 
 /// A non-blank string of at most `max` characters that PostgreSQL can store.
@@ -133,7 +155,9 @@ pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<String, Proble
         .to_str()
         .ok()
         .map(|k| k.trim_matches('"'))
-        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+        .filter(|k| {
+            !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        })
         .ok_or_else(|| {
             Problem::malformed("the Idempotency-Key must be 1 to 255 visible ASCII characters")
                 .with_field("Idempotency-Key")
@@ -148,7 +172,9 @@ mod tests {
     use super::*;
 
     fn parse(value: Value) -> Result<NewOrder, Problem> {
-        let Value::Object(object) = value else { unreachable!() };
+        let Value::Object(object) = value else {
+            unreachable!()
+        };
         NewOrder::parse(JsonFields::from(object))
     }
 
@@ -178,12 +204,19 @@ mod tests {
             ("/items/0/product_id", json!("nope"), "items[0].product_id"),
             ("/customer_id", json!("a\u{0}b"), "customer_id"),
             ("/customer_id", json!("x".repeat(65)), "customer_id"),
-            ("/shipping_address/country", json!("de"), "shipping_address.country"),
+            (
+                "/shipping_address/country",
+                json!("de"),
+                "shipping_address.country",
+            ),
             ("/shipping_address/zip", json!("1"), "shipping_address.zip"),
         ];
         for (pointer, value, field) in cases {
             let mut body = valid();
-            *body.pointer_mut(pointer).map(|v| v as &mut Value).unwrap_or(&mut Value::Null) = value.clone();
+            *body
+                .pointer_mut(pointer)
+                .map(|v| v as &mut Value)
+                .unwrap_or(&mut Value::Null) = value.clone();
             if body.pointer(pointer).is_none() {
                 body["shipping_address"]["zip"] = value.clone();
             }
@@ -192,6 +225,9 @@ mod tests {
         }
         let mut twice = valid();
         twice["items"] = json!([{"product_id": Uuid::nil(), "quantity": 1}, {"product_id": Uuid::nil(), "quantity": 1}]);
-        assert_eq!(parse(twice).unwrap_err().field.as_deref(), Some("items[1].product_id"));
+        assert_eq!(
+            parse(twice).unwrap_err().field.as_deref(),
+            Some("items[1].product_id")
+        );
     }
 }

@@ -40,9 +40,14 @@ impl Status {
 
     /// The status named `name`.
     pub fn parse(name: &str) -> Option<Self> {
-        [Self::Pending, Self::Confirmed, Self::Cancelled, Self::NeedsAttention]
-            .into_iter()
-            .find(|s| s.as_str() == name)
+        [
+            Self::Pending,
+            Self::Confirmed,
+            Self::Cancelled,
+            Self::NeedsAttention,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 }
 
@@ -174,12 +179,17 @@ impl Saga {
         }
         let step = self.step.ok_or(Ignored::Terminal)?;
         match event {
-            Event::Replied { step: s, attempt, .. } | Event::DeadlinePassed { step: s, attempt }
+            Event::Replied {
+                step: s, attempt, ..
+            }
+            | Event::DeadlinePassed { step: s, attempt }
                 if s != step || attempt != self.attempt =>
             {
                 Err(Ignored::Stale)
             }
-            Event::Replied { outcome, reason, .. } => {
+            Event::Replied {
+                outcome, reason, ..
+            } => {
                 if !self.sent {
                     return Err(Ignored::Stale);
                 }
@@ -190,18 +200,26 @@ impl Saga {
                         self.compensate(step, false, StepEnd::Failed, reason, limits)
                     }
                     (true, Outcome::Succeeded) => self.compensation_succeeded(step, limits),
-                    (true, Outcome::Failed) => self.compensation_failed(step, StepEnd::Failed, reason, limits),
+                    (true, Outcome::Failed) => {
+                        self.compensation_failed(step, StepEnd::Failed, reason, limits)
+                    }
                 })
             }
             Event::DeadlinePassed { .. } if !self.sent => Ok(Transition {
-                saga: Saga { sent: true, ..self.clone() },
+                saga: Saga {
+                    sent: true,
+                    ..self.clone()
+                },
                 ended: None,
                 send: true,
                 deadline_in: Some(limits.step_deadline),
             }),
-            Event::DeadlinePassed { .. } if self.compensating() => {
-                Ok(self.compensation_failed(step, StepEnd::TimedOut, Some("no answer by the deadline".into()), limits))
-            }
+            Event::DeadlinePassed { .. } if self.compensating() => Ok(self.compensation_failed(
+                step,
+                StepEnd::TimedOut,
+                Some("no answer by the deadline".into()),
+                limits,
+            )),
             Event::DeadlinePassed { .. } => Ok(self.compensate(
                 step,
                 true,
@@ -213,13 +231,23 @@ impl Saga {
                 if !matches!(step, Step::ReserveStock | Step::AuthorizePayment) {
                     return Err(Ignored::TooLateToCancel);
                 }
-                Ok(self.compensate(step, true, StepEnd::Abandoned, "cancelled by the customer".into(), limits))
+                Ok(self.compensate(
+                    step,
+                    true,
+                    StepEnd::Abandoned,
+                    "cancelled by the customer".into(),
+                    limits,
+                ))
             }
         }
     }
 
     fn forward_succeeded(&self, step: Step, limits: &Limits) -> Transition {
-        let next = Step::FORWARD.iter().skip_while(|s| **s != step).nth(1).copied();
+        let next = Step::FORWARD
+            .iter()
+            .skip_while(|s| **s != step)
+            .nth(1)
+            .copied();
         let saga = match next {
             Some(next) => Saga {
                 step: Some(next),
@@ -245,9 +273,20 @@ impl Saga {
 
     /// Starts undoing: the forward steps before `step` (and `step` itself when it may have
     /// taken effect), last first, each compensation once.
-    fn compensate(&self, step: Step, include_current: bool, end: StepEnd, reason: String, limits: &Limits) -> Transition {
+    fn compensate(
+        &self,
+        step: Step,
+        include_current: bool,
+        end: StepEnd,
+        reason: String,
+        limits: &Limits,
+    ) -> Transition {
         let position = Step::FORWARD.iter().position(|s| *s == step).unwrap_or(0);
-        let upto = if include_current { position + 1 } else { position };
+        let upto = if include_current {
+            position + 1
+        } else {
+            position
+        };
         let mut compensations: Vec<Step> = Vec::new();
         for done in Step::FORWARD[..upto].iter().rev() {
             if let Some(undo) = done.compensation()
@@ -318,7 +357,13 @@ impl Saga {
         }
     }
 
-    fn compensation_failed(&self, step: Step, end: StepEnd, reason: Option<String>, limits: &Limits) -> Transition {
+    fn compensation_failed(
+        &self,
+        step: Step,
+        end: StepEnd,
+        reason: Option<String>,
+        limits: &Limits,
+    ) -> Transition {
         let ended = Some((step, self.attempt, end, reason.clone()));
         if self.attempt >= limits.compensation_attempts {
             let why = format!(
@@ -371,7 +416,12 @@ mod tests {
     fn reply(saga: &Saga, outcome: Outcome) -> Saga {
         let step = saga.step.expect("a step is awaited");
         saga.apply(
-            Event::Replied { step, attempt: saga.attempt, outcome, reason: Some("no".into()) },
+            Event::Replied {
+                step,
+                attempt: saga.attempt,
+                outcome,
+                reason: Some("no".into()),
+            },
             &LIMITS,
         )
         .expect("the reply applies")
@@ -398,7 +448,10 @@ mod tests {
         assert_eq!(saga.step, Some(Step::CapturePayment));
         saga = reply(&saga, Outcome::Failed);
         assert_eq!(saga.step, Some(Step::CancelShipment));
-        assert_eq!(saga.compensations, vec![Step::VoidPayment, Step::ReleaseStock]);
+        assert_eq!(
+            saga.compensations,
+            vec![Step::VoidPayment, Step::ReleaseStock]
+        );
         assert_eq!(saga.reason.as_deref(), Some("no"));
         for expected in [Step::VoidPayment, Step::ReleaseStock] {
             saga = reply(&saga, Outcome::Succeeded);
@@ -419,7 +472,13 @@ mod tests {
     fn a_timeout_also_undoes_the_step_that_timed_out() {
         let saga = reply(&Saga::start(), Outcome::Succeeded);
         let t = saga
-            .apply(Event::DeadlinePassed { step: Step::AuthorizePayment, attempt: 1 }, &LIMITS)
+            .apply(
+                Event::DeadlinePassed {
+                    step: Step::AuthorizePayment,
+                    attempt: 1,
+                },
+                &LIMITS,
+            )
             .unwrap();
         assert_eq!(t.saga.step, Some(Step::VoidPayment));
         assert_eq!(t.saga.compensations, vec![Step::ReleaseStock]);
@@ -429,9 +488,19 @@ mod tests {
     #[test]
     fn stale_and_duplicate_replies_change_nothing() {
         let saga = reply(&Saga::start(), Outcome::Succeeded);
-        let late = Event::Replied { step: Step::ReserveStock, attempt: 1, outcome: Outcome::Failed, reason: None };
+        let late = Event::Replied {
+            step: Step::ReserveStock,
+            attempt: 1,
+            outcome: Outcome::Failed,
+            reason: None,
+        };
         assert_eq!(saga.apply(late, &LIMITS), Err(Ignored::Stale));
-        let wrong_attempt = Event::Replied { step: Step::AuthorizePayment, attempt: 2, outcome: Outcome::Succeeded, reason: None };
+        let wrong_attempt = Event::Replied {
+            step: Step::AuthorizePayment,
+            attempt: 2,
+            outcome: Outcome::Succeeded,
+            reason: None,
+        };
         assert_eq!(saga.apply(wrong_attempt, &LIMITS), Err(Ignored::Stale));
     }
 
@@ -442,21 +511,51 @@ mod tests {
         let mut waits = Vec::new();
         for attempt in 1..=2 {
             let t = saga
-                .apply(Event::Replied { step: Step::ReleaseStock, attempt, outcome: Outcome::Failed, reason: None }, &LIMITS)
+                .apply(
+                    Event::Replied {
+                        step: Step::ReleaseStock,
+                        attempt,
+                        outcome: Outcome::Failed,
+                        reason: None,
+                    },
+                    &LIMITS,
+                )
                 .unwrap();
             assert!(!t.send, "a retry waits out its backoff first");
             waits.push(t.deadline_in.unwrap());
             saga = t.saga;
-            let resend = saga.apply(Event::DeadlinePassed { step: Step::ReleaseStock, attempt: attempt + 1 }, &LIMITS).unwrap();
+            let resend = saga
+                .apply(
+                    Event::DeadlinePassed {
+                        step: Step::ReleaseStock,
+                        attempt: attempt + 1,
+                    },
+                    &LIMITS,
+                )
+                .unwrap();
             assert!(resend.send);
             saga = resend.saga;
         }
-        assert_eq!(waits, vec![Duration::from_millis(100), Duration::from_millis(200)]);
+        assert_eq!(
+            waits,
+            vec![Duration::from_millis(100), Duration::from_millis(200)]
+        );
         let t = saga
-            .apply(Event::DeadlinePassed { step: Step::ReleaseStock, attempt: 3 }, &LIMITS)
+            .apply(
+                Event::DeadlinePassed {
+                    step: Step::ReleaseStock,
+                    attempt: 3,
+                },
+                &LIMITS,
+            )
             .unwrap();
         assert_eq!(t.saga.status, Status::NeedsAttention);
-        assert!(t.saga.reason.unwrap().contains("release_stock failed 3 times"));
+        assert!(
+            t.saga
+                .reason
+                .unwrap()
+                .contains("release_stock failed 3 times")
+        );
     }
 
     #[test]
@@ -466,8 +565,14 @@ mod tests {
         assert_eq!(t.saga.step, Some(Step::VoidPayment));
         assert_eq!(t.saga.reason.as_deref(), Some("cancelled by the customer"));
         let shipping = reply(&saga, Outcome::Succeeded);
-        assert_eq!(shipping.apply(Event::CancelRequested, &LIMITS), Err(Ignored::TooLateToCancel));
+        assert_eq!(
+            shipping.apply(Event::CancelRequested, &LIMITS),
+            Err(Ignored::TooLateToCancel)
+        );
         let cancelled = reply(&Saga::start(), Outcome::Failed);
-        assert_eq!(cancelled.apply(Event::CancelRequested, &LIMITS), Err(Ignored::Terminal));
+        assert_eq!(
+            cancelled.apply(Event::CancelRequested, &LIMITS),
+            Err(Ignored::Terminal)
+        );
     }
 }

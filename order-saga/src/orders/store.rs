@@ -71,17 +71,19 @@ pub async fn create(
     let mut tx = pool.begin().await?;
     // A second request with the key while this one runs gets 409 at once rather than
     // waiting on the key row's lock.
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))")
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 7))")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
     if !locked {
         return Ok(Created::InFlight);
     }
-    let earlier = sqlx::query("SELECT fingerprint, status, response FROM idempotency_keys WHERE key = $1")
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let earlier =
+        sqlx::query("SELECT fingerprint, status, response FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
     if let Some(earlier) = earlier {
         let same = earlier.get::<Vec<u8>, _>("fingerprint") == fingerprint;
         return Ok(if same {
@@ -95,10 +97,14 @@ pub async fn create(
         });
     }
     let id = Uuid::now_v7();
-    let total: i64 = lines.iter().map(|l| l.unit_price * i64::from(l.quantity)).sum();
+    let total: i64 = lines
+        .iter()
+        .map(|l| l.unit_price * i64::from(l.quantity))
+        .sum();
     let saga = Saga::start();
     let step = saga.step.expect("a new saga has a first step");
-    let deadline = Utc::now() + chrono::Duration::from_std(limits.step_deadline).unwrap_or_default();
+    let deadline =
+        Utc::now() + chrono::Duration::from_std(limits.step_deadline).unwrap_or_default();
     let address = serde_json::to_value(&order.shipping_address).expect("an address serializes");
     let row = sqlx::query(
         "INSERT INTO orders (id, customer_id, status, total, currency, payment_method, shipping_address,
@@ -136,7 +142,13 @@ pub async fn create(
         1,
         traceparent,
         Body::ReserveStock {
-            lines: lines.iter().map(|l| Line { product_id: l.product_id, quantity: l.quantity }).collect(),
+            lines: lines
+                .iter()
+                .map(|l| Line {
+                    product_id: l.product_id,
+                    quantity: l.quantity,
+                })
+                .collect(),
         },
     );
     outbox::enqueue(&mut tx, &step.service().stream(prefix), &command).await?;
@@ -149,7 +161,11 @@ pub async fn create(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(Created::Answer { status: 201, body, replayed: false })
+    Ok(Created::Answer {
+        status: 201,
+        body,
+        replayed: false,
+    })
 }
 
 /// Applies `event` to the saga of `order_id` inside `conn`'s transaction: the new state, the
@@ -217,16 +233,23 @@ pub async fn apply(
         outbox::enqueue(conn, &step.service().stream(prefix), &command).await?;
     }
     if next.status == Status::NeedsAttention {
-        sqlx::query("INSERT INTO audit (order_id, event, detail) VALUES ($1, 'needs_attention', $2)")
-            .bind(order_id)
-            .bind(&next.reason)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            "INSERT INTO audit (order_id, event, detail) VALUES ($1, 'needs_attention', $2)",
+        )
+        .bind(order_id)
+        .bind(&next.reason)
+        .execute(&mut *conn)
+        .await?;
     }
     Ok(Some(Ok(transition)))
 }
 
-async fn start_step(conn: &mut PgConnection, order_id: Uuid, step: Step, attempt: u32) -> sqlx::Result<()> {
+async fn start_step(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    step: Step,
+    attempt: u32,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO saga_steps (order_id, step, attempt, status) VALUES ($1, $2, $3, 'started')
          ON CONFLICT DO NOTHING",
@@ -290,7 +313,12 @@ fn saga_of(row: &PgRow) -> anyhow::Result<Saga> {
 
 /// Orders whose step deadline (or backoff) has passed, up to `limit`, each handled in its
 /// own transaction with the row locked (`SKIP LOCKED`, so several instances share them).
-pub async fn due(pool: &PgPool, limit: i64, prefix: &str, limits: &Limits) -> anyhow::Result<usize> {
+pub async fn due(
+    pool: &PgPool,
+    limit: i64,
+    prefix: &str,
+    limits: &Limits,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows = sqlx::query(
         "SELECT id, step, attempt FROM orders
@@ -303,8 +331,13 @@ pub async fn due(pool: &PgPool, limit: i64, prefix: &str, limits: &Limits) -> an
     let count = rows.len();
     for row in rows {
         let step: Option<String> = row.get("step");
-        let Some(step) = step.as_deref().and_then(Step::parse) else { continue };
-        let event = Event::DeadlinePassed { step, attempt: row.get::<i32, _>("attempt") as u32 };
+        let Some(step) = step.as_deref().and_then(Step::parse) else {
+            continue;
+        };
+        let event = Event::DeadlinePassed {
+            step,
+            attempt: row.get::<i32, _>("attempt") as u32,
+        };
         apply(&mut tx, row.get("id"), event, prefix, limits).await?;
     }
     tx.commit().await?;
@@ -313,16 +346,22 @@ pub async fn due(pool: &PgPool, limit: i64, prefix: &str, limits: &Limits) -> an
 
 /// Deletes idempotency keys older than `keep`.
 pub async fn prune_keys(pool: &PgPool, keep: Duration) -> sqlx::Result<u64> {
-    Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)")
-        .bind(keep.as_secs_f64())
-        .execute(pool)
-        .await?
-        .rows_affected())
+    Ok(sqlx::query(
+        "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(keep.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// One order with its lines and step history.
 pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Value>> {
-    let Some(row) = sqlx::query("SELECT * FROM orders WHERE id = $1").bind(id).fetch_optional(pool).await? else {
+    let Some(row) = sqlx::query("SELECT * FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+    else {
         return Ok(None);
     };
     let lines = sqlx::query("SELECT product_id, quantity, unit_price FROM order_lines WHERE order_id = $1 ORDER BY product_id")
@@ -332,34 +371,47 @@ pub async fn get(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Value>> {
         .iter()
         .map(|l| json!({"product_id": l.get::<Uuid, _>("product_id"), "quantity": l.get::<i32, _>("quantity"), "unit_price": l.get::<i64, _>("unit_price")}))
         .collect();
-    let steps = sqlx::query("SELECT * FROM saga_steps WHERE order_id = $1 ORDER BY started_at, attempt")
-        .bind(id)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|s| {
-            json!({
-                "step": s.get::<String, _>("step"),
-                "attempt": s.get::<i32, _>("attempt"),
-                "status": s.get::<String, _>("status"),
-                "detail": s.get::<Option<String>, _>("detail"),
-                "started_at": s.get::<DateTime<Utc>, _>("started_at"),
-                "finished_at": s.get::<Option<DateTime<Utc>>, _>("finished_at"),
+    let steps =
+        sqlx::query("SELECT * FROM saga_steps WHERE order_id = $1 ORDER BY started_at, attempt")
+            .bind(id)
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(|s| {
+                json!({
+                    "step": s.get::<String, _>("step"),
+                    "attempt": s.get::<i32, _>("attempt"),
+                    "status": s.get::<String, _>("status"),
+                    "detail": s.get::<Option<String>, _>("detail"),
+                    "started_at": s.get::<DateTime<Utc>, _>("started_at"),
+                    "finished_at": s.get::<Option<DateTime<Utc>>, _>("finished_at"),
+                })
             })
-        })
-        .collect();
+            .collect();
     Ok(Some(order_json(&row, lines, steps)))
 }
 
 /// A page of orders, newest first, after `cursor`.
-pub async fn list(pool: &PgPool, cursor: Option<Uuid>, limit: usize) -> sqlx::Result<(Vec<Value>, bool)> {
-    let rows = sqlx::query("SELECT * FROM orders WHERE $1::uuid IS NULL OR id < $1 ORDER BY id DESC LIMIT $2")
-        .bind(cursor)
-        .bind(limit as i64 + 1)
-        .fetch_all(pool)
-        .await?;
+pub async fn list(
+    pool: &PgPool,
+    cursor: Option<Uuid>,
+    limit: usize,
+) -> sqlx::Result<(Vec<Value>, bool)> {
+    let rows = sqlx::query(
+        "SELECT * FROM orders WHERE $1::uuid IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(cursor)
+    .bind(limit as i64 + 1)
+    .fetch_all(pool)
+    .await?;
     let more = rows.len() > limit;
-    Ok((rows.iter().take(limit).map(|r| order_json(r, Value::Null, Vec::new())).collect(), more))
+    Ok((
+        rows.iter()
+            .take(limit)
+            .map(|r| order_json(r, Value::Null, Vec::new()))
+            .collect(),
+        more,
+    ))
 }
 
 fn lines_json(lines: &[PricedLine]) -> Value {

@@ -42,18 +42,24 @@ enum Verdict {
 
 impl Handler for PaymentHandler {
     async fn handle(&self, envelope: Envelope) -> anyhow::Result<Applied> {
-        let seen: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)")
-            .bind(envelope.id)
-            .fetch_one(&self.pool)
-            .await?;
+        let seen: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM inbox WHERE message_id = $1)")
+                .bind(envelope.id)
+                .fetch_one(&self.pool)
+                .await?;
         if seen {
             return Ok(Applied::Duplicate);
         }
         let order = envelope.order_id;
         let (step, verdict) = match &envelope.body {
-            Body::AuthorizePayment { amount, currency, payment_method } => (
+            Body::AuthorizePayment {
+                amount,
+                currency,
+                payment_method,
+            } => (
                 Step::AuthorizePayment,
-                self.authorize(order, *amount, currency, payment_method).await?,
+                self.authorize(order, *amount, currency, payment_method)
+                    .await?,
             ),
             Body::CapturePayment => (Step::CapturePayment, self.capture(order).await?),
             Body::VoidPayment => (Step::VoidPayment, self.void(order).await?),
@@ -75,7 +81,13 @@ impl Handler for PaymentHandler {
 }
 
 impl PaymentHandler {
-    async fn authorize(&self, order: Uuid, amount: i64, currency: &str, method: &str) -> anyhow::Result<Verdict> {
+    async fn authorize(
+        &self,
+        order: Uuid,
+        amount: i64,
+        currency: &str,
+        method: &str,
+    ) -> anyhow::Result<Verdict> {
         sqlx::query(
             "INSERT INTO payments (order_id, state, amount, currency) VALUES ($1, 'authorizing', $2, $3)
              ON CONFLICT (order_id) DO NOTHING",
@@ -89,33 +101,58 @@ impl PaymentHandler {
         match state.as_str() {
             "authorizing" => {}
             "authorized" | "captured" => return Ok(Verdict::Done),
-            "declined" => return Ok(Verdict::Refused(reason.unwrap_or_else(|| "payment declined".into()))),
+            "declined" => {
+                return Ok(Verdict::Refused(
+                    reason.unwrap_or_else(|| "payment declined".into()),
+                ));
+            }
             other => return Ok(Verdict::Refused(format!("the payment was already {other}"))),
         }
+        // Whether any earlier delivery may have reached the provider for this order.
+        let attempted_before: bool = sqlx::query_scalar(
+            "UPDATE payments p SET attempted = true FROM (SELECT attempted FROM payments WHERE order_id = $1) old
+             WHERE p.order_id = $1 RETURNING old.attempted",
+        )
+        .bind(order)
+        .fetch_one(&self.pool)
+        .await?;
         match self.client.authorize(order, amount, currency, method).await {
             Ok(Authorization::Authorized { provider_id }) => {
-                let recorded = self.settle(order, "authorizing", "authorized", Some(&provider_id), None).await?;
+                let recorded = self
+                    .settle(order, "authorizing", "authorized", Some(&provider_id), None)
+                    .await?;
                 if recorded {
                     Ok(Verdict::Done)
                 } else {
                     // A void overtook this authorization: give the money back at once.
-                    self.client.void(order, &provider_id).await.map_err(anyhow::Error::from)?;
-                    Ok(Verdict::Refused("the payment was voided while it was being authorized".into()))
+                    self.client
+                        .void(order, &provider_id)
+                        .await
+                        .map_err(anyhow::Error::from)?;
+                    Ok(Verdict::Refused(
+                        "the payment was voided while it was being authorized".into(),
+                    ))
                 }
             }
-            Ok(Authorization::Declined { reason }) => {
-                self.settle(order, "authorizing", "declined", None, Some(&reason)).await?;
+            Ok(Authorization::Declined { reason, .. }) => {
+                self.settle(order, "authorizing", "declined", None, Some(&reason))
+                    .await?;
                 Ok(Verdict::Refused(format!("payment declined: {reason}")))
             }
-            Err(PaymentError::Rejected { reason }) => {
-                self.settle(order, "authorizing", "declined", None, Some(&reason)).await?;
-                Ok(Verdict::Refused(format!("payment refused by the provider: {reason}")))
+            Err(PaymentError::Rejected { reason, .. }) => {
+                self.settle(order, "authorizing", "declined", None, Some(&reason))
+                    .await?;
+                Ok(Verdict::Refused(format!(
+                    "payment refused by the provider: {reason}"
+                )))
             }
-            Err(PaymentError::Unavailable { reached: false, reason }) => {
-                // Nothing reached the provider (breaker open, connection refused): certain
+            Err(PaymentError::CircuitOpen { .. }) if !attempted_before => {
+                // The breaker is open and no request for this order was ever sent: certain
                 // that nothing was authorized, so the saga may cancel at once.
-                self.settle(order, "authorizing", "voided", None, Some(&reason)).await?;
-                Ok(Verdict::Refused(format!("the payment provider is unavailable: {reason}")))
+                let reason = "the payment provider is unavailable (circuit open)";
+                self.settle(order, "authorizing", "voided", None, Some(reason))
+                    .await?;
+                Ok(Verdict::Refused(reason.into()))
             }
             // It may have been authorized: leave it pending; the next delivery asks the
             // provider under the same key, and the saga's deadline bounds the wait.
@@ -128,15 +165,22 @@ impl PaymentHandler {
         match state.as_str() {
             "captured" => return Ok(Verdict::Done),
             "authorized" => {}
-            other => return Ok(Verdict::Refused(format!("cannot capture a payment that is {other}"))),
+            other => {
+                return Ok(Verdict::Refused(format!(
+                    "cannot capture a payment that is {other}"
+                )));
+            }
         }
         let provider_id = self.provider_id(order).await?;
         match self.client.capture(order, &provider_id).await {
             Ok(()) => {
-                self.settle(order, "authorized", "captured", None, None).await?;
+                self.settle(order, "authorized", "captured", None, None)
+                    .await?;
                 Ok(Verdict::Done)
             }
-            Err(PaymentError::Rejected { reason }) => Ok(Verdict::Refused(format!("capture refused: {reason}"))),
+            Err(PaymentError::Rejected { reason, .. }) => {
+                Ok(Verdict::Refused(format!("capture refused: {reason}")))
+            }
             Err(error) => Err(anyhow::Error::from(error).context("capture outcome unknown")),
         }
     }
@@ -144,10 +188,11 @@ impl PaymentHandler {
     /// Voids an authorization, refunds a capture, or leaves a tombstone when there is
     /// nothing yet, so a late authorization is refused (and voided).
     async fn void(&self, order: Uuid) -> anyhow::Result<Verdict> {
-        let state = sqlx::query_scalar::<_, String>("SELECT state FROM payments WHERE order_id = $1")
-            .bind(order)
-            .fetch_optional(&self.pool)
-            .await?;
+        let state =
+            sqlx::query_scalar::<_, String>("SELECT state FROM payments WHERE order_id = $1")
+                .bind(order)
+                .fetch_optional(&self.pool)
+                .await?;
         match state.as_deref() {
             None => {
                 sqlx::query(
@@ -166,27 +211,57 @@ impl PaymentHandler {
             }
             Some("authorizing") => {
                 // Maybe authorized at the provider: ask under the same key.
-                match self.client.lookup(order).await.map_err(anyhow::Error::from)? {
-                    Some(provider_id) => {
-                        self.client.void(order, &provider_id).await.map_err(anyhow::Error::from)?;
-                        self.settle(order, "authorizing", "voided", Some(&provider_id), Some("voided by compensation")).await?;
+                let found = self
+                    .client
+                    .find_authorization(order)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                match found {
+                    Some(Authorization::Authorized { provider_id }) => {
+                        self.client
+                            .void(order, &provider_id)
+                            .await
+                            .map_err(anyhow::Error::from)?;
+                        self.settle(
+                            order,
+                            "authorizing",
+                            "voided",
+                            Some(&provider_id),
+                            Some("voided by compensation"),
+                        )
+                        .await?;
                     }
-                    None => {
-                        self.settle(order, "authorizing", "voided", None, Some("never authorized")).await?;
+                    Some(Authorization::Declined { .. }) | None => {
+                        self.settle(
+                            order,
+                            "authorizing",
+                            "voided",
+                            None,
+                            Some("never authorized"),
+                        )
+                        .await?;
                     }
                 }
                 Ok(Verdict::Done)
             }
             Some("authorized") => {
                 let provider_id = self.provider_id(order).await?;
-                self.client.void(order, &provider_id).await.map_err(anyhow::Error::from)?;
-                self.settle(order, "authorized", "voided", None, None).await?;
+                self.client
+                    .void(order, &provider_id)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                self.settle(order, "authorized", "voided", None, None)
+                    .await?;
                 Ok(Verdict::Done)
             }
             Some("captured") => {
                 let provider_id = self.provider_id(order).await?;
-                self.client.refund(order, &provider_id).await.map_err(anyhow::Error::from)?;
-                self.settle(order, "captured", "refunded", None, None).await?;
+                self.client
+                    .refund(order, &provider_id)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                self.settle(order, "captured", "refunded", None, None)
+                    .await?;
                 Ok(Verdict::Done)
             }
             Some(_) => Ok(Verdict::Done),
@@ -202,11 +277,13 @@ impl PaymentHandler {
     }
 
     async fn provider_id(&self, order: Uuid) -> anyhow::Result<String> {
-        sqlx::query_scalar::<_, Option<String>>("SELECT provider_id FROM payments WHERE order_id = $1")
-            .bind(order)
-            .fetch_one(&self.pool)
-            .await?
-            .context("an authorized payment has no provider id")
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT provider_id FROM payments WHERE order_id = $1",
+        )
+        .bind(order)
+        .fetch_one(&self.pool)
+        .await?
+        .context("an authorized payment has no provider id")
     }
 
     /// Moves the payment from `from` to `to`; false when it was no longer in `from`.
