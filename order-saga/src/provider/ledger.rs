@@ -138,7 +138,7 @@ impl Settlement {
 /// Running totals, so a test can prove "exactly one charge".
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
-    /// `POST /v1/authorizations` received, replays and injected faults included.
+    /// Well-formed `POST /v1/authorizations` received, replays and injected faults included.
     pub authorize_requests: u64,
     /// Authorizations made (approved or declined).
     pub authorizations: u64,
