@@ -1,0 +1,5 @@
+//! The order saga end to end, with the provider and the four services as real processes
+//! over the real PostgreSQL and Redis. Every test ends by checking the invariants.
+
+mod flow;
+mod system;
