@@ -145,6 +145,10 @@ pub enum PaymentError {
     Unavailable {
         /// The last failure.
         detail: String,
+        /// Whether the provider may have carried the operation out (an answer was lost);
+        /// false when every attempt provably failed to reach it (connection refused, breaker
+        /// open) or it said it had not.
+        maybe_done: bool,
     },
     /// The provider refused the request (4xx other than a decline); retrying will not help.
     #[error("the payment provider refused the request ({status}): {reason}")]
@@ -157,6 +161,33 @@ pub enum PaymentError {
 }
 
 impl PaymentError {
+    /// An open breaker met after earlier attempts of the same call: if one of them may have
+    /// been carried out, the call's outcome is unknown, not "nothing sent".
+    fn after(self, unsure: bool) -> Self {
+        match self {
+            Self::CircuitOpen { retry_in } if unsure => Self::Unavailable {
+                detail: format!(
+                    "the breaker opened after an attempt whose answer was lost (retry in {retry_in:?})"
+                ),
+                maybe_done: true,
+            },
+            other => other,
+        }
+    }
+
+    /// Whether the operation certainly did not happen: nothing reached the provider, or it
+    /// said so. Then a saga may move on as if it had been refused.
+    pub fn certainly_not_done(&self) -> bool {
+        matches!(
+            self,
+            Self::CircuitOpen { .. }
+                | Self::Unavailable {
+                    maybe_done: false,
+                    ..
+                }
+        )
+    }
+
     /// Whether the same call may succeed later.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, Self::Rejected { .. })
@@ -406,6 +437,7 @@ impl ProviderClient {
             Err(failure) => {
                 return Err(PaymentError::Unavailable {
                     detail: failure.detail,
+                    maybe_done: false,
                 });
             }
         };
@@ -417,7 +449,10 @@ impl ProviderClient {
         }
         authorization(&reply.body)
             .map(Some)
-            .map_err(|detail| PaymentError::Unavailable { detail })
+            .map_err(|detail| PaymentError::Unavailable {
+                detail,
+                maybe_done: false,
+            })
     }
 
     /// Whether the breaker is open now (for readiness and logs).
@@ -508,7 +543,11 @@ impl ProviderClient {
                 tokio::time::sleep(self.backoff(attempt)).await;
             }
             if unsure {
-                match self.exchange(operation, lookup()).await? {
+                let looked = match self.exchange(operation, lookup()).await {
+                    Ok(looked) => looked,
+                    Err(open) => return Err(open.after(unsure)),
+                };
+                match looked {
                     Ok(reply) if reply.status.is_success() => match found(reply.body) {
                         Ok(Found::Done(value)) => return Ok(value),
                         Ok(Found::NotDone) => unsure = false,
@@ -529,7 +568,11 @@ impl ProviderClient {
                     }
                 }
             }
-            match self.exchange(operation, send()).await? {
+            let sent = match self.exchange(operation, send()).await {
+                Ok(sent) => sent,
+                Err(open) => return Err(open.after(unsure)),
+            };
+            match sent {
                 Ok(reply) if reply.status.is_success() => match done(reply.body) {
                     Ok(value) => return Ok(value),
                     Err(detail) => {
@@ -555,6 +598,7 @@ impl ProviderClient {
                 "{} attempts failed; last: {detail}",
                 settings.provider_attempts
             ),
+            maybe_done: unsure,
         })
     }
 

@@ -108,14 +108,12 @@ impl PaymentHandler {
             }
             other => return Ok(Verdict::Refused(format!("the payment was already {other}"))),
         }
-        // Whether any earlier delivery may have reached the provider for this order.
-        let attempted_before: bool = sqlx::query_scalar(
-            "UPDATE payments p SET attempted = true FROM (SELECT attempted FROM payments WHERE order_id = $1) old
-             WHERE p.order_id = $1 RETURNING old.attempted",
-        )
-        .bind(order)
-        .fetch_one(&self.pool)
-        .await?;
+        // Whether an earlier delivery may have had this order authorized.
+        let attempted: bool =
+            sqlx::query_scalar("SELECT attempted FROM payments WHERE order_id = $1")
+                .bind(order)
+                .fetch_one(&self.pool)
+                .await?;
         match self.client.authorize(order, amount, currency, method).await {
             Ok(Authorization::Authorized { provider_id }) => {
                 let recorded = self
@@ -146,17 +144,26 @@ impl PaymentHandler {
                     "payment refused by the provider: {reason}"
                 )))
             }
-            Err(PaymentError::CircuitOpen { .. }) if !attempted_before => {
-                // The breaker is open and no request for this order was ever sent: certain
-                // that nothing was authorized, so the saga may cancel at once.
-                let reason = "the payment provider is unavailable (circuit open)";
-                self.settle(order, "authorizing", "voided", None, Some(reason))
+            Err(error) if error.certainly_not_done() && !attempted => {
+                // No request for this order ever reached the provider (refused connections,
+                // an open breaker): certainly nothing was authorized, so the saga may cancel
+                // at once instead of waiting out its deadline.
+                let reason = format!("the payment provider is unavailable: {error}");
+                self.settle(order, "authorizing", "voided", None, Some(&reason))
                     .await?;
-                Ok(Verdict::Refused(reason.into()))
+                Ok(Verdict::Refused(reason))
             }
-            // It may have been authorized: leave it pending; the next delivery asks the
-            // provider under the same key, and the saga's deadline bounds the wait.
-            Err(error) => Err(anyhow::Error::from(error).context("authorization outcome unknown")),
+            Err(error) => {
+                if !error.certainly_not_done() {
+                    sqlx::query("UPDATE payments SET attempted = true WHERE order_id = $1")
+                        .bind(order)
+                        .execute(&self.pool)
+                        .await?;
+                }
+                // It may have been authorized: leave the message pending; the next delivery
+                // asks the provider under the same key, and the saga's deadline bounds the wait.
+                Err(anyhow::Error::from(error).context("authorization outcome unknown"))
+            }
         }
     }
 
@@ -207,6 +214,18 @@ impl PaymentHandler {
                 if self.state(order).await?.0 != "voided" {
                     anyhow::bail!("the payment changed while being voided; retrying");
                 }
+                Ok(Verdict::Done)
+            }
+            Some("authorizing") if !self.attempted(order).await? => {
+                // No request ever reached the provider: nothing to give back.
+                self.settle(
+                    order,
+                    "authorizing",
+                    "voided",
+                    None,
+                    Some("never reached the provider"),
+                )
+                .await?;
                 Ok(Verdict::Done)
             }
             Some("authorizing") => {
@@ -266,6 +285,13 @@ impl PaymentHandler {
             }
             Some(_) => Ok(Verdict::Done),
         }
+    }
+
+    async fn attempted(&self, order: Uuid) -> sqlx::Result<bool> {
+        sqlx::query_scalar("SELECT attempted FROM payments WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(&self.pool)
+            .await
     }
 
     async fn state(&self, order: Uuid) -> sqlx::Result<(String, Option<String>)> {

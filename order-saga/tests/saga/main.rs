@@ -2,4 +2,5 @@
 //! over the real PostgreSQL and Redis. Every test ends by checking the invariants.
 
 mod flow;
+mod payments;
 mod system;

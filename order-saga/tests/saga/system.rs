@@ -93,7 +93,11 @@ impl Proc {
         .unwrap_or_else(|_| panic!("order-saga {} did not listen within 20 s", args[0]));
         // Keep draining its log so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Proc { child, address: format!("http://{address}"), args }
+        Proc {
+            child,
+            address: format!("http://{address}"),
+            args,
+        }
     }
 
     /// SIGKILL: no shutdown, nothing flushed.
@@ -104,7 +108,10 @@ impl Proc {
     /// SIGTERM, and the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().expect("still running");
-        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
         tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
             .expect("did not stop within 15 s")
@@ -177,8 +184,17 @@ impl System {
                 procs.entry(role).or_default().push(proc);
             }
         }
-        let pool = PgPool::connect(&database_url).await.expect("cannot connect to the test database");
-        System { procs, pool, database_url, redis_url, prefix, http: reqwest::Client::new() }
+        let pool = PgPool::connect(&database_url)
+            .await
+            .expect("cannot connect to the test database");
+        System {
+            procs,
+            pool,
+            database_url,
+            redis_url,
+            prefix,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn url(&self, role: Role, path: &str) -> String {
@@ -221,8 +237,16 @@ impl System {
     }
 
     /// Orders `quantity` of `product`; the new order's id.
-    pub async fn order(&self, product: Uuid, quantity: i64, payment_method: &str, country: &str) -> Uuid {
-        let response = self.post_order(&order_body(product, quantity, payment_method, country)).await;
+    pub async fn order(
+        &self,
+        product: Uuid,
+        quantity: i64,
+        payment_method: &str,
+        country: &str,
+    ) -> Uuid {
+        let response = self
+            .post_order(&order_body(product, quantity, payment_method, country))
+            .await;
         assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["status"], "pending");
@@ -243,12 +267,13 @@ impl System {
     /// Waits until the order is terminal; the order.
     pub async fn finished(&self, id: Uuid) -> Value {
         poll_until(&format!("order {id} to finish"), SAGA_WAIT, async || {
-            let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders.orders WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .ok()
-                .flatten();
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM orders.orders WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .ok()
+                    .flatten();
             status.filter(|s| s != "pending")
         })
         .await;
@@ -258,10 +283,11 @@ impl System {
     /// Waits until no order is pending.
     pub async fn all_finished(&self, within: Duration) {
         poll_until("every order to finish", within, async || {
-            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders.orders WHERE status = 'pending'")
-                .fetch_one(&self.pool)
-                .await
-                .ok()?;
+            let pending: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM orders.orders WHERE status = 'pending'")
+                    .fetch_one(&self.pool)
+                    .await
+                    .ok()?;
             (pending == 0).then_some(())
         })
         .await;
@@ -269,13 +295,29 @@ impl System {
 
     /// Every invariant holds.
     pub async fn assert_invariants(&self) {
-        let violations = order_saga::invariants::check(&self.pool, Duration::from_secs(2)).await.unwrap();
-        assert!(violations.is_empty(), "invariants broken:\n{}", violations.iter().map(|v| format!("  {v}\n")).collect::<String>());
+        let violations = order_saga::invariants::check(&self.pool, Duration::from_secs(2))
+            .await
+            .unwrap();
+        assert!(
+            violations.is_empty(),
+            "invariants broken:\n{}",
+            violations
+                .iter()
+                .map(|v| format!("  {v}\n"))
+                .collect::<String>()
+        );
     }
 
     /// The provider's books.
     pub async fn provider_summary(&self) -> Value {
-        self.http.get(self.url(Role::Provider, "/v1/summary")).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(self.url(Role::Provider, "/v1/summary"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// Changes the provider's behaviour.
@@ -287,7 +329,11 @@ impl System {
             .send()
             .await
             .unwrap();
-        assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+        assert!(
+            response.status().is_success(),
+            "{}",
+            response.text().await.unwrap()
+        );
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
@@ -332,6 +378,11 @@ pub fn steps(order: &Value) -> Vec<(String, String)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["step"].as_str().unwrap().to_owned(), s["status"].as_str().unwrap().to_owned()))
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
