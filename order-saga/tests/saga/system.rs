@@ -12,7 +12,7 @@ use tokio::{
 };
 use uuid::Uuid;
 
-pub use test_support::{polling::poll_until, problem_json::problem};
+pub use test_support::polling::poll_until;
 
 /// How long a saga may take to end in the tests (its steps answer in milliseconds).
 pub const SAGA_WAIT: Duration = Duration::from_secs(30);
@@ -72,7 +72,10 @@ impl Proc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_order-saga"))
             .args(&args)
             .env("LOG_FORMAT", "json")
-            .env("RUST_LOG", "warn,order_saga=info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SAGA_LOG").unwrap_or_else(|_| "warn,order_saga=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,8 +94,17 @@ impl Proc {
         })
         .await
         .unwrap_or_else(|_| panic!("order-saga {} did not listen within 20 s", args[0]));
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep draining its log so it never blocks on a full pipe; SAGA_LOG=<filter> shows it.
+        let echo = std::env::var_os("SAGA_LOG")
+            .is_some()
+            .then(|| args[0].clone());
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(name) = &echo {
+                    eprintln!("[{name}] {line}");
+                }
+            }
+        });
         Proc {
             child,
             address: format!("http://{address}"),
@@ -129,7 +141,6 @@ impl Proc {
 pub struct System {
     pub procs: HashMap<Role, Vec<Proc>>,
     pub pool: PgPool,
-    pub database_url: String,
     pub redis_url: String,
     pub prefix: String,
     pub http: reqwest::Client,
@@ -171,6 +182,9 @@ impl System {
                     "1s".into(),
                     "--reclaim-every".into(),
                     "200ms".into(),
+                    // Tests run side by side against one PostgreSQL (max_connections 100).
+                    "--database-pool-size".into(),
+                    "4".into(),
                 ];
                 match role {
                     Role::Payment => args.extend(["--provider-url".into(), provider_url.clone()]),
@@ -184,13 +198,14 @@ impl System {
                 procs.entry(role).or_default().push(proc);
             }
         }
-        let pool = PgPool::connect(&database_url)
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
             .await
             .expect("cannot connect to the test database");
         System {
             procs,
             pool,
-            database_url,
             redis_url,
             prefix,
             http: reqwest::Client::new(),
@@ -199,10 +214,6 @@ impl System {
 
     pub fn url(&self, role: Role, path: &str) -> String {
         format!("{}{path}", self.procs[&role][0].address)
-    }
-
-    pub fn proc(&mut self, role: Role) -> &mut Proc {
-        &mut self.procs.get_mut(&role).unwrap()[0]
     }
 
     /// A product with `stock` units at `price` minor units (EUR).
