@@ -161,6 +161,16 @@ impl<H: Handler> Consumer<H> {
                 }
                 Err(error) => {
                     tracing::warn!(error = format!("{error:#}"), stream = %self.settings.stream, "stream read failed");
+                    // A Redis that restarted empty (it keeps nothing on disk here) has lost
+                    // the group: make it again, or this consumer would never read again.
+                    if format!("{error:#}").contains("NOGROUP")
+                        && let Err(error) = self.create_group().await
+                    {
+                        tracing::warn!(
+                            error = format!("{error:#}"),
+                            "cannot recreate the consumer group"
+                        );
+                    }
                     tokio::select! {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -78,3 +78,37 @@ async fn sigterm_stops_every_process_cleanly() {
         assert!(status.success(), "{role:?} exited with {status}");
     }
 }
+
+#[tokio::test]
+async fn orders_are_taken_while_redis_is_down_and_finish_once_it_is_back() {
+    let port = test_support::free_port::free_port();
+    let mut redis = test_support::PrivateRedis::start(port);
+    let system = System::start_with(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    })
+    .await;
+    let product = system.product(5, 100).await;
+    let before = system.order(product, 1, "pm_card_ok", "DE").await;
+    assert_eq!(system.finished(before).await["status"], "confirmed");
+
+    // Redis gone: the order is still taken (the outbox holds its first message), and the
+    // service says it is not ready.
+    redis.kill();
+    let during = system.order(product, 1, "pm_card_ok", "DE").await;
+    let ready = system
+        .http
+        .get(system.url(Role::Orders, "/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    // Back, empty (it keeps nothing on disk): the groups are made again, the relay publishes
+    // what waited in the outbox, and the saga finishes.
+    let _redis = test_support::PrivateRedis::start(port);
+    let order = system.finished(during).await;
+    assert_eq!(order["status"], "confirmed", "{order}");
+    assert_eq!(system.stock(product).await, (3, 0, 2));
+    system.assert_invariants().await;
+}

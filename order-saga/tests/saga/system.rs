@@ -44,6 +44,8 @@ impl Role {
 pub struct Options {
     pub flags: HashMap<Role, Vec<String>>,
     pub instances: HashMap<Role, usize>,
+    /// A Redis of the test's own (one it may stop), instead of the shared one.
+    pub redis_url: Option<String>,
 }
 
 impl Options {
@@ -152,7 +154,10 @@ impl System {
     }
 
     pub async fn start_with(options: Options) -> Self {
-        let redis_url = test_support::require_redis().await;
+        let redis_url = match options.redis_url.clone() {
+            Some(url) => url,
+            None => test_support::require_redis().await,
+        };
         let database_url = test_support::fresh_database("saga_test").await;
         let prefix = format!("saga-test-{}", Uuid::now_v7().simple());
         let mut procs: HashMap<Role, Vec<Proc>> = HashMap::new();
