@@ -20,14 +20,17 @@
 //! - [`prometheus`]: the `/metrics` handler and the HTTP metrics `route_layer`.
 //! - [`storable`]: text and JSON proven free of U+0000, which PostgreSQL cannot store; the
 //!   refusal is a 422 naming the field.
-//! - `database` (feature `postgres`): which database failures a retry can fix (503 with
-//!   `Retry-After`) and which it cannot (500).
+//! - `database` (feature `postgres`): opening a pool (on a schema of its own), and which
+//!   database failures a retry can fix (503 with `Retry-After`) and which it cannot (500).
+//! - `error` (feature `postgres`): the handlers' error type every service answers with.
 
 pub mod auth;
 pub mod breaker;
 pub mod config;
 #[cfg(feature = "postgres")]
 pub mod database;
+#[cfg(feature = "postgres")]
+pub mod error;
 pub mod http;
 pub mod problem;
 pub mod prometheus;
