@@ -44,7 +44,7 @@ CREATE TABLE saga_steps (
 );
 
 -- Idempotency-Key of POST /v1/orders: the fingerprint of the first request's body and the
--- answer it got, kept at least IDEMPOTENCY_TTL (24 h by default).
+-- answer it got, kept IDEMPOTENCY_TTL (48 h by default, never less than 24 h).
 CREATE TABLE idempotency_keys (
     key text PRIMARY KEY,
     fingerprint bytea NOT NULL,
