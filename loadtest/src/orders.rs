@@ -80,7 +80,10 @@ const PROVIDER_TIMEOUT: &str = "1s";
 /// The payment service's breaker: consecutive failed provider requests that open it, and how
 /// long it stays open. At the fault phase's 15 % of failing calls, independent failures make
 /// twenty in a row about once in 3·10¹⁶ requests, so it opens when the provider is down, not
-/// on its ordinary bad luck (the default of 5 in a row opens every few thousand requests).
+/// on its ordinary bad luck. With the defaults (5 in a row, open for 10 s) a full run's
+/// fault phase cancelled 486 of 840 orders as "provider unavailable" (breaker open): once
+/// open, it refuses every call for 10 s (400 orders at 40/s), and a failing half-open probe
+/// (15 % of them) opens it again. Two seconds open still spares a provider that is down.
 const BREAKER_FAILURES: &str = "20";
 const BREAKER_OPEN_FOR: &str = "2s";
 
@@ -120,7 +123,10 @@ fn plan(quick: bool) -> Plan {
         }
     } else {
         Plan {
-            load_rate: 150.0,
+            // At or above what the sagas carry here (150-200/s), so that their own ceiling is
+            // measured rather than the offered rate; at 250/s the backlog took the create p99
+            // to 160 ms, too near its limit.
+            load_rate: 200.0,
             load_windows: 6,
             pgbench_seconds: 20,
             fault_rate: 40.0,
@@ -764,12 +770,9 @@ async fn load_phase(
         sagas_per_second,
         "sagas/s",
     ));
-    report.goals.push(Target::at_most(
-        "create_latency_p99_at_goal_rate",
-        GOAL_CREATE_P99_MS,
-        client_p99,
-        "ms",
-    ));
+    report
+        .goals
+        .push(goal_create_latency(client_p99, sagas_per_second));
 
     // What a saga costs PostgreSQL, and the ceiling that implies beside pgbench.
     let commits = commits_after - commits_before;
@@ -804,6 +807,24 @@ async fn load_phase(
         quantiles,
     );
     Ok(())
+}
+
+/// The goal's create p99, which counts only at the goal's rate of sagas: a fast create at a
+/// lower rate is shown, with a note, and missed.
+fn goal_create_latency(create_p99_ms: f64, sagas_per_second: f64) -> Target {
+    let mut goal = Target::at_most(
+        "create_latency_p99_at_1000_sagas_per_second",
+        GOAL_CREATE_P99_MS,
+        create_p99_ms,
+        "ms",
+    );
+    if sagas_per_second < GOAL_SAGAS_PER_SECOND {
+        goal.pass = false;
+        goal.note = Some(format!(
+            "measured at {sagas_per_second:.0} sagas/s, not at {GOAL_SAGAS_PER_SECOND:.0}"
+        ));
+    }
+    goal
 }
 
 /// [`OVERSELL_BUYERS`] buyers of one unit each, sent at once, for [`OVERSELL_STOCK`] units.
@@ -1045,6 +1066,15 @@ async fn delete_streams(prefix: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_create_goal_counts_only_at_the_goal_rate() {
+        let slow_system = goal_create_latency(11.9, 149.0);
+        assert!(!slow_system.pass);
+        assert!(slow_system.note.unwrap().contains("149 sagas/s"));
+        assert!(goal_create_latency(11.9, 1_200.0).pass);
+        assert!(!goal_create_latency(25.0, 1_200.0).pass);
+    }
 
     #[test]
     fn pgbench_tps_is_read_from_its_report() {
