@@ -154,6 +154,11 @@ impl Database {
         })
     }
 
+    /// Its name (for `pg_stat_database`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Drops it (best effort).
     pub async fn drop_it(&self) {
         if let Ok(mut conn) = PgConnection::connect(&self.admin_url).await {

@@ -48,6 +48,18 @@ pub fn request(method: &str, path: &str, content_type: &str, body: &[u8]) -> Vec
     bytes
 }
 
+/// Builds a complete JSON request with one extra header (e.g. an `Idempotency-Key`).
+pub fn with_header(method: &str, path: &str, header: (&str, &str), body: &[u8]) -> Vec<u8> {
+    let (name, value) = header;
+    let mut bytes = format!(
+        "{method} {path} HTTP/1.1\r\nHost: loadtest\r\n{name}: {value}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
 /// Builds a complete request carrying `Authorization: Bearer <token>`.
 pub fn authorized(method: &str, path: &str, token: &str, body: Option<&[u8]>) -> Vec<u8> {
     let body = body.unwrap_or_default();

@@ -11,7 +11,7 @@
 //!
 //! # Layout
 //! - [`preflight`]: the checks before any load; [`backends`]: PostgreSQL and Redis.
-//! - [`metrics`], [`notify`], [`gateway`]: one scenario each.
+//! - [`metrics`], [`notify`], [`gateway`], [`orders`]: one scenario each.
 //! - [`report`]: targets, goals, figures, the JSON report and the table.
 //! - [`scrape`]: services' histograms and the host's steal, and the quiet-stretch judgement.
 //! - [`service`]: child processes; [`client`]: the raw HTTP/1.1 client; [`progress`]: the
@@ -22,6 +22,7 @@ mod client;
 mod gateway;
 mod metrics;
 mod notify;
+mod orders;
 mod preflight;
 mod progress;
 mod report;
@@ -58,6 +59,9 @@ enum Scenario {
     Notify,
     /// api-gateway: throughput and added latency against nginx, one user's limit over two replicas.
     Gateway,
+    /// order-saga: create latency and sagas/s beside pgbench, 1,000 buyers of 10 units, and
+    /// provider faults with a service killed mid-phase, ending with the invariants.
+    Orders,
     /// Every scenario, one table.
     Suite,
     /// Internal: the memory soak, run in a child process so its RSS is measured alone.
@@ -153,10 +157,16 @@ fn main() -> ExitCode {
 /// The scenarios a command runs, in order.
 fn scenarios(scenario: &Scenario) -> Vec<Scenario> {
     match scenario {
-        Scenario::Suite => vec![Scenario::Metrics, Scenario::Notify, Scenario::Gateway],
+        Scenario::Suite => vec![
+            Scenario::Metrics,
+            Scenario::Notify,
+            Scenario::Gateway,
+            Scenario::Orders,
+        ],
         Scenario::Metrics => vec![Scenario::Metrics],
         Scenario::Notify => vec![Scenario::Notify],
         Scenario::Gateway => vec![Scenario::Gateway],
+        Scenario::Orders => vec![Scenario::Orders],
         Scenario::MetricsSoak | Scenario::NotifyClients { .. } | Scenario::EchoUpstream { .. } => {
             unreachable!("handled before the runtime starts")
         }
@@ -188,6 +198,14 @@ fn needs(scenario: &Scenario, quick: bool) -> Needs {
             open_files: 1_024,
             nginx_peer: true,
         },
+        Scenario::Orders => Needs {
+            scenario: "orders",
+            binaries: &["order-saga"],
+            backends: &[Backend::Postgres, Backend::Redis],
+            // The oversell phase's 1,000 buyers each hold a connection.
+            open_files: 2_048,
+            nginx_peer: false,
+        },
         _ => unreachable!("only scenarios have needs"),
     }
 }
@@ -212,6 +230,11 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             }
             Scenario::Gateway => {
                 AssertUnwindSafe(gateway::run(&mut report, cli.quick))
+                    .catch_unwind()
+                    .await
+            }
+            Scenario::Orders => {
+                AssertUnwindSafe(orders::run(&mut report, cli.quick))
                     .catch_unwind()
                     .await
             }

@@ -484,36 +484,6 @@ async fn watch_windows(started: Instant, stop: Arc<AtomicBool>, plan: WindowPlan
     }
 }
 
-/// The p99 target of the paced phase, and the goal that keeps the client's figure when the
-/// target is judged inside the service. With `on_quiet` (two quiet windows or more) the
-/// client's p99 over those windows is judged; otherwise the host never let the client
-/// measure the service alone, and the service's own handler p99 (the upper bound of its
-/// bucket; none observed counts as a miss) is judged instead.
-fn latency_verdict(
-    on_quiet: bool,
-    client_p99_ms: f64,
-    handler_p99_ms: Option<f64>,
-) -> (Target, Option<Target>) {
-    const LIMIT_MS: f64 = 1.0;
-    if on_quiet {
-        let target = Target::below("http_event_latency_p99", LIMIT_MS, client_p99_ms, "ms");
-        return (target, None);
-    }
-    let target = Target::below(
-        "http_event_latency_p99_in_service",
-        LIMIT_MS,
-        handler_p99_ms.unwrap_or(f64::INFINITY),
-        "ms",
-    );
-    let goal = Target::below(
-        "http_event_latency_p99_client_noisy_host",
-        LIMIT_MS,
-        client_p99_ms,
-        "ms",
-    );
-    (target, Some(goal))
-}
-
 /// `values` with `decimals` each, comma-separated.
 fn list(values: &[f64], decimals: usize) -> String {
     let shown: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
@@ -803,7 +773,13 @@ async fn paced_target(report: &mut Report, address: &str, phase: Duration) -> an
         offered_rate.round(),
         "events/s",
     ));
-    let (target, goal) = latency_verdict(on_quiet, client_p99, handler_p99_ms);
+    let (target, goal) = scrape::p99_verdict(
+        "http_event_latency_p99",
+        1.0,
+        on_quiet,
+        client_p99,
+        handler_p99_ms,
+    );
     report.targets.push(target);
     report.goals.extend(goal);
 
@@ -900,35 +876,4 @@ async fn shutdown_under_load(report: &mut Report, service: Service) -> anyhow::R
         "s",
     ));
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_quiet_host_judges_the_client_p99() {
-        let (target, goal) = latency_verdict(true, 0.7, Some(1.6));
-        assert_eq!(target.name, "http_event_latency_p99");
-        assert!(target.pass);
-        assert!(goal.is_none());
-        let (target, _) = latency_verdict(true, 1.2, Some(0.4));
-        assert!(!target.pass, "a slow client p99 on a quiet host is a miss");
-    }
-
-    #[test]
-    fn a_host_never_quiet_judges_the_service_and_keeps_the_client_figure() {
-        let (target, goal) = latency_verdict(false, 11.9, Some(0.8));
-        assert_eq!(target.name, "http_event_latency_p99_in_service");
-        assert!(target.pass);
-        let goal = goal.expect("the client's figure is kept");
-        assert_eq!(goal.measured, Some(11.9));
-        assert!(!goal.pass);
-    }
-
-    #[test]
-    fn a_slow_service_fails_even_on_a_noisy_host() {
-        assert!(!latency_verdict(false, 11.9, Some(1.6)).0.pass);
-        assert!(!latency_verdict(false, 0.5, None).0.pass);
-    }
 }

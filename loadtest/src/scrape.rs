@@ -11,7 +11,10 @@ use std::collections::BTreeMap;
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
-use crate::client::{self, Connection};
+use crate::{
+    client::{self, Connection},
+    report::Target,
+};
 
 /// Cumulative bucket counts by upper bound (seconds), summed over every label set of one
 /// histogram family.
@@ -70,7 +73,14 @@ impl Buckets {
 }
 
 /// Every histogram family in a Prometheus text exposition, by name (without `_bucket`).
+#[cfg(test)]
 pub fn histograms(exposition: &str) -> BTreeMap<String, Buckets> {
+    histograms_with(exposition, &[])
+}
+
+/// [`histograms`] of the series that carry every one of `labels` (each `name="value"`), e.g.
+/// one route's requests out of a family labelled by method and route.
+pub fn histograms_with(exposition: &str, labels: &[&str]) -> BTreeMap<String, Buckets> {
     let mut families: BTreeMap<String, Buckets> = BTreeMap::new();
     for line in exposition.lines() {
         if line.starts_with('#') {
@@ -79,9 +89,14 @@ pub fn histograms(exposition: &str) -> BTreeMap<String, Buckets> {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
         };
-        let Some((name, labels)) = series.split_once('{') else {
+        let Some((name, labels_text)) = series.split_once('{') else {
             continue;
         };
+        let label_set: Vec<&str> = labels_text.trim_end_matches('}').split(',').collect();
+        if !labels.iter().all(|wanted| label_set.contains(wanted)) {
+            continue;
+        }
+        let labels = labels_text;
         let Some(family) = name.strip_suffix("_bucket") else {
             continue;
         };
@@ -115,13 +130,22 @@ pub fn histograms(exposition: &str) -> BTreeMap<String, Buckets> {
 
 /// Scrapes `GET /metrics` from `admin` (`host:port`).
 pub async fn metrics(admin: &str) -> anyhow::Result<BTreeMap<String, Buckets>> {
+    metrics_with(admin, &[]).await
+}
+
+/// Scrapes `GET /metrics` from `admin` (`host:port`), keeping the series that carry every one
+/// of `labels` ([`histograms_with`]).
+pub async fn metrics_with(
+    admin: &str,
+    labels: &[&str],
+) -> anyhow::Result<BTreeMap<String, Buckets>> {
     let mut connection = Connection::open(admin).await?;
     let (status, body) = connection
         .send(&client::request("GET", "/metrics", "text/plain", b""))
         .await
         .with_context(|| format!("failed to scrape {admin}/metrics"))?;
     anyhow::ensure!(status == 200, "{admin}/metrics answered {status}");
-    Ok(histograms(&String::from_utf8_lossy(&body)))
+    Ok(histograms_with(&String::from_utf8_lossy(&body), labels))
 }
 
 /// The machine's CPU time so far, from the first line of `/proc/stat`: (all, stolen), in
@@ -191,9 +215,85 @@ pub fn quiet_stretches<'a>(
     (count >= min_quiet.max(1)).then_some(QuietStretches { merged, count })
 }
 
+/// A p99 target judged as ADR 0010 says, and the goal that keeps the client's figure when
+/// the target is judged inside the service. With `on_quiet` (enough quiet stretches, see
+/// [`quiet_stretches`]) the client's p99 over those stretches is judged as `name`; otherwise
+/// the host never let the client measure the service alone, and the service's own histogram
+/// p99 (the upper bound of its bucket, [`Buckets::quantile_bound`]; none observed counts as
+/// a miss) is judged as `<name>_in_service`, with the client's figure kept as the goal
+/// `<name>_client_noisy_host`.
+pub fn p99_verdict(
+    name: &str,
+    limit_ms: f64,
+    on_quiet: bool,
+    client_p99_ms: f64,
+    in_service_p99_ms: Option<f64>,
+) -> (Target, Option<Target>) {
+    if on_quiet {
+        return (Target::below(name, limit_ms, client_p99_ms, "ms"), None);
+    }
+    let target = Target::below(
+        &format!("{name}_in_service"),
+        limit_ms,
+        in_service_p99_ms.unwrap_or(f64::INFINITY),
+        "ms",
+    );
+    let goal = Target::below(
+        &format!("{name}_client_noisy_host"),
+        limit_ms,
+        client_p99_ms,
+        "ms",
+    );
+    (target, Some(goal))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quiet_host_judges_the_client_p99() {
+        let (target, goal) = p99_verdict("x_p99", 1.0, true, 0.7, Some(1.6));
+        assert_eq!(target.name, "x_p99");
+        assert!(target.pass);
+        assert!(goal.is_none());
+        let (target, _) = p99_verdict("x_p99", 1.0, true, 1.2, Some(0.4));
+        assert!(!target.pass, "a slow client p99 on a quiet host is a miss");
+    }
+
+    #[test]
+    fn a_host_never_quiet_judges_the_service_and_keeps_the_client_figure() {
+        let (target, goal) = p99_verdict("x_p99", 1.0, false, 11.9, Some(0.8));
+        assert_eq!(target.name, "x_p99_in_service");
+        assert!(target.pass);
+        let goal = goal.expect("the client's figure is kept");
+        assert_eq!(goal.name, "x_p99_client_noisy_host");
+        assert_eq!(goal.measured, Some(11.9));
+        assert!(!goal.pass);
+    }
+
+    #[test]
+    fn a_slow_service_fails_even_on_a_noisy_host() {
+        assert!(!p99_verdict("x_p99", 1.0, false, 11.9, Some(1.6)).0.pass);
+        assert!(!p99_verdict("x_p99", 1.0, false, 0.5, None).0.pass);
+    }
+
+    #[test]
+    fn series_can_be_picked_by_their_labels() {
+        let exposition = "\
+svc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/orders\",le=\"0.1\"} 4
+svc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/orders\",le=\"+Inf\"} 5
+svc_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/orders\",le=\"0.1\"} 7
+svc_http_request_duration_seconds_bucket{method=\"GET\",route=\"/v1/orders\",le=\"+Inf\"} 7
+svc_http_request_duration_seconds_bucket{method=\"POST\",route=\"/v1/orders/{id}/cancel\",le=\"+Inf\"} 9
+";
+        let family = "svc_http_request_duration_seconds";
+        let posts = histograms_with(exposition, &["method=\"POST\"", "route=\"/v1/orders\""]);
+        assert_eq!(posts[family].total(), 5);
+        assert_eq!(posts[family].above(0.1), Some(1));
+        assert_eq!(histograms(exposition)[family].total(), 21);
+        assert!(histograms_with(exposition, &["route=\"/nowhere\""]).is_empty());
+    }
 
     const EXPOSITION: &str = "\
 # HELP api_gateway_limiter_redis_seconds Time of one decision, as in x_bucket{le=\"1\"} 5.

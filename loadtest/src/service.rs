@@ -1,6 +1,6 @@
 //! Child processes of a run: a suite service (started on port 0, found by its `listening`
 //! log line) or a helper such as nginx or the echo upstream; reading their CPU time and
-//! memory, and stopping them.
+//! memory, stopping them, and killing a service with SIGKILL and starting it again.
 
 use std::{
     path::PathBuf,
@@ -73,6 +73,14 @@ impl Process {
         total
     }
 
+    /// SIGKILL, and waits for the exit: no shutdown, nothing flushed.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child
+            .kill()
+            .await
+            .with_context(|| format!("failed to kill process {}", self.pid))
+    }
+
     /// Sends SIGTERM and waits up to `limit` for the exit (then SIGKILL); returns how long it
     /// took and whether it exited on its own with success.
     pub async fn terminate(mut self, limit: Duration) -> anyhow::Result<(Duration, bool)> {
@@ -111,6 +119,18 @@ pub struct Service {
     pub address: String,
     /// `host:port` of its admin listener (Prometheus metrics), when it has one.
     pub admin: Option<String>,
+    /// How it was started, to start it again.
+    launch: Launch,
+}
+
+/// A service's command line: the binary, the arguments before `--listen` (a subcommand), the
+/// rest, and extra environment variables.
+#[derive(Debug, Clone)]
+struct Launch {
+    name: String,
+    leading: Vec<String>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Finds `name` next to the loadtest binary (both live in `target/<profile>/`).
@@ -141,10 +161,50 @@ impl Service {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_command(name, &[], args, env).await
+    }
+
+    /// Starts `name <leading...> --listen 127.0.0.1:0 <args...>` (`leading` is a subcommand,
+    /// such as `order-saga orders`) with extra environment variables, and waits for its
+    /// `listening` log line.
+    pub async fn start_command(
+        name: &str,
+        leading: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let owned = |list: &[&str]| list.iter().map(|&a| a.to_owned()).collect::<Vec<_>>();
+        let launch = Launch {
+            name: name.to_owned(),
+            leading: owned(leading),
+            args: owned(args),
+            env: env
+                .iter()
+                .map(|&(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        };
+        Self::launch(launch, "127.0.0.1:0").await
+    }
+
+    /// SIGKILL (no shutdown, nothing flushed), then the same command line again on the same
+    /// address, so that whoever calls it finds it where it was; waits until it listens.
+    pub async fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill().await?;
+        let listen = self.address.clone();
+        let restarted = Self::launch(self.launch.clone(), &listen)
+            .await
+            .with_context(|| format!("{} did not come back on {listen}", self.launch.name))?;
+        *self = restarted;
+        Ok(())
+    }
+
+    async fn launch(launch: Launch, listen: &str) -> anyhow::Result<Self> {
+        let name = launch.name.as_str();
         let mut child = Command::new(binary(name)?)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .envs(env.iter().copied())
+            .args(&launch.leading)
+            .args(["--listen", listen])
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", format!("warn,{}=info", name.replace('-', "_")))
             .stdin(Stdio::null())
@@ -173,6 +233,7 @@ impl Service {
             process: Process::new(child)?,
             address,
             admin,
+            launch,
         })
     }
 
