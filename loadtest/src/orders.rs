@@ -79,11 +79,12 @@ const FAULTS: Faults = Faults {
 const PROVIDER_TIMEOUT: &str = "1s";
 /// The payment service's breaker (its defaults, given here so the report names them):
 /// consecutive failed provider requests that open it, and how long it stays open. At the
-/// fault phase's 15 % of failing calls, independent failures make twenty in a row about once in 3·10¹⁶ requests, so it opens when the provider is down, not
-/// on its ordinary bad luck. With the earlier defaults (5 in a row, open for 10 s) a full run's
-/// fault phase cancelled 486 of 840 orders as "provider unavailable" (breaker open): once
-/// open, it refuses every call for 10 s (400 orders at 40/s), and a failing half-open probe
-/// (15 % of them) opens it again. Two seconds open still spares a provider that is down.
+/// fault phase's 15 % of failing calls, independent failures make twenty in a row about once
+/// in 3·10¹⁶ requests, so it opens when the provider is down, not on its ordinary bad luck.
+/// With the earlier defaults (5 in a row, open for 10 s) a full run's fault phase cancelled
+/// 486 of 840 orders as "provider unavailable" (breaker open): once open, it refuses every
+/// call for 10 s (400 orders at 40/s), and a failing half-open probe (15 % of them) opens it
+/// again. Two seconds open still spares a provider that is down.
 const BREAKER_FAILURES: &str = "20";
 const BREAKER_OPEN_FOR: &str = "2s";
 
