@@ -85,6 +85,9 @@ pub async fn create(
             .fetch_optional(&mut *tx)
             .await?;
     if let Some(earlier) = earlier {
+        // Ended here rather than by the drop, whose rollback runs later: until it does, the
+        // key's lock is held and a retry sent right after this answer would get 409.
+        tx.rollback().await?;
         let same = earlier.get::<Vec<u8>, _>("fingerprint") == fingerprint;
         return Ok(if same {
             Created::Answer {
