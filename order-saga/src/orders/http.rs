@@ -10,7 +10,10 @@
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State, rejection::BytesRejection},
+    extract::{
+        Path, RawQuery, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -155,16 +158,22 @@ async fn list(State(orders): State<Orders>, RawQuery(query): RawQuery) -> Result
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-async fn one(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
-    let id = path_uuid(&id)?;
+async fn one(
+    State(orders): State<Orders>,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = path_uuid(id)?;
     let order = store::get(&orders.pool, id)
         .await?
         .ok_or_else(Problem::not_found)?;
     Ok(Json(order).into_response())
 }
 
-async fn cancel(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
-    let id = path_uuid(&id)?;
+async fn cancel(
+    State(orders): State<Orders>,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = path_uuid(id)?;
     let mut tx = orders.pool.begin().await?;
     let applied = store::apply(
         &mut tx,
