@@ -62,6 +62,14 @@ async fn create(
     })?;
     let fingerprint = store::fingerprint(&body);
     let order = NewOrder::parse(fields(&headers, Ok(body))?)?;
+    // A retry of a stored order is answered before pricing, so it needs no inventory; the
+    // transaction below looks again under the key's lock.
+    let mut conn = orders.pool.acquire().await?;
+    let earlier = store::earlier_use(&mut conn, &key, &fingerprint).await?;
+    drop(conn);
+    if let Some(earlier) = earlier {
+        return answer(&orders, earlier);
+    }
     let mut lines = Vec::with_capacity(order.items.len());
     let mut currency: Option<String> = None;
     for (i, item) in order.items.iter().enumerate() {
@@ -107,6 +115,11 @@ async fn create(
         &orders.limits,
     )
     .await?;
+    answer(&orders, created)
+}
+
+/// The response to what creating an order came to.
+fn answer(orders: &Orders, created: Created) -> Result<Response> {
     match created {
         Created::Answer {
             status,

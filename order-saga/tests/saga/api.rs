@@ -156,7 +156,13 @@ async fn the_idempotency_key_is_required_and_replays_the_first_answer() {
 }
 
 /// A body sent as it is: what it is, its content type, its bytes, the status and field expected.
-type RawCase = (&'static str, &'static str, Vec<u8>, u16, Option<&'static str>);
+type RawCase = (
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    u16,
+    Option<&'static str>,
+);
 
 #[tokio::test]
 async fn a_bad_order_is_refused_naming_its_field_and_nothing_is_stored() {
@@ -660,9 +666,34 @@ impl Forwarder {
 async fn inventory_down_refuses_an_order_with_503_and_stores_nothing() {
     let mut system = System::start().await;
     let product = system.product(10, 300).await;
+    let earlier = order_body(system.product(10, 200).await, 1, "pm_card_ok", "DE");
+    let first = post_with_key(&system, "before-inventory-went-down", &earlier).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
     system.procs.get_mut(&Role::Inventory).unwrap()[0]
         .kill()
         .await;
+    // A fresh orders process has no price in memory: a retry is still answered from the key.
+    system.procs.get_mut(&Role::Orders).unwrap()[0]
+        .restart()
+        .await;
+    let retry = post_with_key(&system, "before-inventory-went-down", &earlier).await;
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Value>().await.unwrap(), first);
+    problem(
+        post_with_key(
+            &system,
+            "before-inventory-went-down",
+            &order_body(product, 1, "pm_card_ok", "DE"),
+        )
+        .await,
+        422,
+        Some("Idempotency-Key"),
+    )
+    .await;
+    let before = stored(&system).await;
+    assert_eq!([before[0], before[3]], [1, 1]);
     let response = post_with_key(
         &system,
         "while-inventory-is-down",
@@ -672,7 +703,11 @@ async fn inventory_down_refuses_an_order_with_503_and_stores_nothing() {
     assert_eq!(response.headers()["retry-after"], "1");
     let body = problem(response, 503, None).await;
     assert_eq!(body["type"], "urn:problem:unavailable");
-    assert_eq!(stored(&system).await, [0; 4]);
+    let after = stored(&system).await;
+    assert_eq!(
+        [after[0], after[1], after[3]],
+        [before[0], before[1], before[3]]
+    );
 }
 
 #[tokio::test]
