@@ -3,16 +3,27 @@
 
 use std::collections::HashMap;
 
-use axum::{body::Bytes, extract::rejection::BytesRejection, http::HeaderMap};
+use axum::{
+    body::Bytes,
+    extract::{
+        Path,
+        rejection::{BytesRejection, PathRejection},
+    },
+    http::HeaderMap,
+};
 use common::{
     http::{JsonFields, Page, PageSize, json_object},
     problem::Problem,
 };
 use uuid::Uuid;
 
-/// A path segment that must be a UUID; 404 otherwise (no such resource can exist).
-pub fn path_uuid(raw: &str) -> Result<Uuid, Problem> {
-    Uuid::parse_str(raw).map_err(|_| Problem::not_found())
+/// A path segment that must be a UUID; 404 otherwise (no such resource can exist), also when
+/// it does not even decode (`%ff`), which axum's own rejection would answer in plain text.
+pub fn path_uuid(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
+    let Ok(Path(raw)) = path else {
+        return Err(Problem::not_found());
+    };
+    Uuid::parse_str(&raw).map_err(|_| Problem::not_found())
 }
 
 /// The query string as parameters, refusing any not in `allowed` (400 naming it).

@@ -11,7 +11,10 @@
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State, rejection::BytesRejection},
+    extract::{
+        Path, RawQuery, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -111,8 +114,11 @@ async fn list_products(State(pool): State<PgPool>, RawQuery(query): RawQuery) ->
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-async fn get_product(State(pool): State<PgPool>, Path(id): Path<String>) -> Result<Response> {
-    let id = path_uuid(&id)?;
+async fn get_product(
+    State(pool): State<PgPool>,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = path_uuid(id)?;
     let row = sqlx::query("SELECT * FROM products WHERE id = $1")
         .bind(id)
         .fetch_optional(&pool)
@@ -123,11 +129,11 @@ async fn get_product(State(pool): State<PgPool>, Path(id): Path<String>) -> Resu
 
 async fn add_stock(
     State(pool): State<PgPool>,
-    Path(id): Path<String>,
+    id: std::result::Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let id = path_uuid(&id)?;
+    let id = path_uuid(id)?;
     let mut body = fields(&headers, body)?;
     let add = body.required("add", |v| integer(v, 1, MAX_STOCK))?;
     body.finish("a stock addition")?;

@@ -10,7 +10,10 @@
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{Path, RawQuery, State, rejection::BytesRejection},
+    extract::{
+        Path, RawQuery, State,
+        rejection::{BytesRejection, PathRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -59,6 +62,14 @@ async fn create(
     })?;
     let fingerprint = store::fingerprint(&body);
     let order = NewOrder::parse(fields(&headers, Ok(body))?)?;
+    // A retry of a stored order is answered before pricing, so it needs no inventory; the
+    // transaction below looks again under the key's lock.
+    let mut conn = orders.pool.acquire().await?;
+    let earlier = store::earlier_use(&mut conn, &key, &fingerprint).await?;
+    drop(conn);
+    if let Some(earlier) = earlier {
+        return answer(&orders, earlier);
+    }
     let mut lines = Vec::with_capacity(order.items.len());
     let mut currency: Option<String> = None;
     for (i, item) in order.items.iter().enumerate() {
@@ -104,6 +115,11 @@ async fn create(
         &orders.limits,
     )
     .await?;
+    answer(&orders, created)
+}
+
+/// The response to what creating an order came to.
+fn answer(orders: &Orders, created: Created) -> Result<Response> {
     match created {
         Created::Answer {
             status,
@@ -155,16 +171,22 @@ async fn list(State(orders): State<Orders>, RawQuery(query): RawQuery) -> Result
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-async fn one(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
-    let id = path_uuid(&id)?;
+async fn one(
+    State(orders): State<Orders>,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = path_uuid(id)?;
     let order = store::get(&orders.pool, id)
         .await?
         .ok_or_else(Problem::not_found)?;
     Ok(Json(order).into_response())
 }
 
-async fn cancel(State(orders): State<Orders>, Path(id): Path<String>) -> Result<Response> {
-    let id = path_uuid(&id)?;
+async fn cancel(
+    State(orders): State<Orders>,
+    id: std::result::Result<Path<String>, PathRejection>,
+) -> Result<Response> {
+    let id = path_uuid(id)?;
     let mut tx = orders.pool.begin().await?;
     let applied = store::apply(
         &mut tx,

@@ -54,6 +54,32 @@ pub fn fingerprint(body: &[u8]) -> Vec<u8> {
     Sha256::digest(body).to_vec()
 }
 
+/// What an earlier use of `key` answers a request whose body has `fingerprint`: its first
+/// answer replayed for the same body, [`Created::KeyReused`] for another; `None` when the key
+/// is new (or still being used by a request that has not committed).
+pub async fn earlier_use(
+    conn: &mut PgConnection,
+    key: &str,
+    fingerprint: &[u8],
+) -> sqlx::Result<Option<Created>> {
+    let earlier =
+        sqlx::query("SELECT fingerprint, status, response FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_optional(conn)
+            .await?;
+    Ok(earlier.map(|earlier| {
+        if earlier.get::<Vec<u8>, _>("fingerprint") == fingerprint {
+            Created::Answer {
+                status: earlier.get::<i16, _>("status") as u16,
+                body: earlier.get("response"),
+                replayed: true,
+            }
+        } else {
+            Created::KeyReused
+        }
+    }))
+}
+
 /// Persists a new order and its saga, and queues its first command, in one transaction
 /// guarded by the idempotency key.
 #[allow(clippy::too_many_arguments)]
@@ -79,22 +105,11 @@ pub async fn create(
     if !locked {
         return Ok(Created::InFlight);
     }
-    let earlier =
-        sqlx::query("SELECT fingerprint, status, response FROM idempotency_keys WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if let Some(earlier) = earlier {
-        let same = earlier.get::<Vec<u8>, _>("fingerprint") == fingerprint;
-        return Ok(if same {
-            Created::Answer {
-                status: earlier.get::<i16, _>("status") as u16,
-                body: earlier.get("response"),
-                replayed: true,
-            }
-        } else {
-            Created::KeyReused
-        });
+    if let Some(earlier) = earlier_use(&mut tx, key, fingerprint).await? {
+        // Ended here rather than by the drop, whose rollback runs later: until it does, the
+        // key's lock is held and a retry sent right after this answer would get 409.
+        tx.rollback().await?;
+        return Ok(earlier);
     }
     let id = Uuid::now_v7();
     let total: i64 = lines

@@ -143,6 +143,7 @@ impl Proc {
 pub struct System {
     pub procs: HashMap<Role, Vec<Proc>>,
     pub pool: PgPool,
+    pub database_url: String,
     pub redis_url: String,
     pub prefix: String,
     pub http: reqwest::Client,
@@ -166,39 +167,17 @@ impl System {
             options.flags.get(&Role::Provider),
         ))
         .await;
-        let provider_url = provider.address.clone();
         procs.insert(Role::Provider, vec![provider]);
         for role in [Role::Inventory, Role::Payment, Role::Shipping, Role::Orders] {
             for i in 0..options.instances.get(&role).copied().unwrap_or(1) {
-                let mut args: Vec<String> = vec![
-                    role.subcommand().into(),
-                    "--listen".into(),
-                    "127.0.0.1:0".into(),
-                    "--database-url".into(),
-                    database_url.clone(),
-                    "--redis-url".into(),
-                    redis_url.clone(),
-                    "--stream-prefix".into(),
-                    prefix.clone(),
-                    "--instance".into(),
-                    format!("{}-{i}", role.subcommand()),
-                    // Tests wait for redeliveries; production waits longer.
-                    "--reclaim-idle".into(),
-                    "1s".into(),
-                    "--reclaim-every".into(),
-                    "200ms".into(),
-                    // Tests run side by side against one PostgreSQL (max_connections 100).
-                    "--database-pool-size".into(),
-                    "4".into(),
-                ];
-                match role {
-                    Role::Payment => args.extend(["--provider-url".into(), provider_url.clone()]),
-                    Role::Orders => {
-                        let inventory = procs[&Role::Inventory][0].address.clone();
-                        args.extend(["--inventory-url".into(), inventory]);
-                    }
-                    _ => {}
-                }
+                let args = service_args(
+                    role,
+                    &format!("{}-{i}", role.subcommand()),
+                    &database_url,
+                    &redis_url,
+                    &prefix,
+                    &procs,
+                );
                 let proc = Proc::spawn(with(args, options.flags.get(&role))).await;
                 procs.entry(role).or_default().push(proc);
             }
@@ -211,10 +190,24 @@ impl System {
         System {
             procs,
             pool,
+            database_url,
             redis_url,
             prefix,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// One more instance of `role`, named `instance`, whose database is `database_url`.
+    pub async fn spawn(&self, role: Role, instance: &str, database_url: &str) -> Proc {
+        let args = service_args(
+            role,
+            instance,
+            database_url,
+            &self.redis_url,
+            &self.prefix,
+            &self.procs,
+        );
+        Proc::spawn(args).await
     }
 
     pub fn url(&self, role: Role, path: &str) -> String {
@@ -223,6 +216,11 @@ impl System {
 
     /// A product with `stock` units at `price` minor units (EUR).
     pub async fn product(&self, stock: i64, price: i64) -> Uuid {
+        self.product_in(stock, price, "EUR").await
+    }
+
+    /// A product with `stock` units at `price` minor units of `currency`.
+    pub async fn product_in(&self, stock: i64, price: i64, currency: &str) -> Uuid {
         let response = self
             .http
             .post(self.url(Role::Inventory, "/v1/products"))
@@ -230,7 +228,7 @@ impl System {
                 "sku": format!("sku-{}", Uuid::now_v7().simple()),
                 "name": "Widget",
                 "price": price,
-                "currency": "EUR",
+                "currency": currency,
                 "stock": stock,
             }))
             .send()
@@ -368,6 +366,50 @@ impl System {
             .await
             .unwrap()
     }
+}
+
+/// The command line of a service instance in the system of `procs`.
+fn service_args(
+    role: Role,
+    instance: &str,
+    database_url: &str,
+    redis_url: &str,
+    prefix: &str,
+    procs: &HashMap<Role, Vec<Proc>>,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        role.subcommand().into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--database-url".into(),
+        database_url.to_owned(),
+        "--redis-url".into(),
+        redis_url.to_owned(),
+        "--stream-prefix".into(),
+        prefix.to_owned(),
+        "--instance".into(),
+        instance.to_owned(),
+        // Tests wait for redeliveries; production waits longer.
+        "--reclaim-idle".into(),
+        "1s".into(),
+        "--reclaim-every".into(),
+        "200ms".into(),
+        // Tests run side by side against one PostgreSQL (max_connections 100).
+        "--database-pool-size".into(),
+        "4".into(),
+    ];
+    match role {
+        Role::Payment => args.extend([
+            "--provider-url".into(),
+            procs[&Role::Provider][0].address.clone(),
+        ]),
+        Role::Orders => args.extend([
+            "--inventory-url".into(),
+            procs[&Role::Inventory][0].address.clone(),
+        ]),
+        _ => {}
+    }
+    args
 }
 
 fn with(mut args: Vec<String>, extra: Option<&Vec<String>>) -> Vec<String> {
