@@ -235,6 +235,8 @@ struct Env {
     nats: String,
     stream: String,
     jet_stream: String,
+    jet_stream_base: String,
+    phases: u32,
 }
 
 async fn produce(
@@ -628,7 +630,12 @@ impl Nats {
 
 /// Creates, for one run, the Redis stream and its group, the PostgreSQL table, and the
 /// JetStream stream with its durable consumer.
-async fn prepare(env: &Env) -> anyhow::Result<()> {
+async fn prepare(env: &mut Env) -> anyhow::Result<()> {
+    // A new JetStream stream each time: one deleted and made again under the same name
+    // sometimes delivered nothing to the new consumer.
+    delete_jet_stream(env).await;
+    env.phases += 1;
+    env.jet_stream = format!("{}_{}", env.jet_stream_base, env.phases);
     let mut redis = env.redis.get_multiplexed_async_connection().await?;
     let _: () = redis::cmd("DEL")
         .arg(&env.stream)
@@ -650,9 +657,6 @@ async fn prepare(env: &Env) -> anyhow::Result<()> {
         .await?;
     let mut nats = Nats::connect(&env.nats).await?;
     let name = env.jet_stream.to_uppercase();
-    let _ = nats
-        .request(&format!("$JS.API.STREAM.DELETE.{name}"), "")
-        .await;
     nats.request(
         &format!("$JS.API.STREAM.CREATE.{name}"),
         &format!(
@@ -671,18 +675,26 @@ async fn prepare(env: &Env) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes the phase's JetStream stream, if there is one.
+async fn delete_jet_stream(env: &Env) {
+    if env.phases == 0 {
+        return;
+    }
+    if let Ok(mut nats) = Nats::connect(&env.nats).await {
+        let name = env.jet_stream.to_uppercase();
+        let _ = nats
+            .request(&format!("$JS.API.STREAM.DELETE.{name}"), "")
+            .await;
+    }
+}
+
 async fn clean_up(env: &Env, database: &str) -> anyhow::Result<()> {
     let mut redis = env.redis.get_multiplexed_async_connection().await?;
     let _: () = redis::cmd("DEL")
         .arg(&env.stream)
         .query_async(&mut redis)
         .await?;
-    let mut nats = Nats::connect(&env.nats).await?;
-    nats.request(
-        &format!("$JS.API.STREAM.DELETE.{}", env.jet_stream.to_uppercase()),
-        "",
-    )
-    .await?;
+    delete_jet_stream(env).await;
     env.pool.close().await;
     let mut admin = PgConnection::connect(&test_support::test_database_url()).await?;
     admin
@@ -710,13 +722,15 @@ async fn main() -> anyhow::Result<()> {
         .connect(&pg_url)
         .await?;
     let run = Uuid::now_v7().simple().to_string();
-    let env = Env {
+    let mut env = Env {
         pool,
         pg_url,
         redis: redis::Client::open(redis_url)?,
         nats: std::env::var("NATS_URL").unwrap_or_else(|_| "127.0.0.1:4222".into()),
         stream: format!("saga-queue-bench-{run}"),
-        jet_stream: format!("saga_queue_bench_{run}"),
+        jet_stream: String::new(),
+        jet_stream_base: format!("saga_queue_bench_{run}"),
+        phases: 0,
     };
     println!(
         "{MESSAGES} messages of {} bytes, {PRODUCERS} producers, {CONSUMERS} consumers, \
@@ -739,9 +753,9 @@ async fn main() -> anyhow::Result<()> {
                 continue;
             }
             let began = Instant::now();
-            prepare(&env).await?;
+            prepare(&mut env).await?;
             let f = phase(*queue, &env, MESSAGES / PRODUCERS, Pace::Flat).await?;
-            prepare(&env).await?;
+            prepare(&mut env).await?;
             let p = phase(*queue, &env, paced_per_producer, Pace::Paced { interval }).await?;
             eprintln!("({} took {:.1?})", queue.key(), began.elapsed());
             println!(
