@@ -5,11 +5,8 @@ use std::collections::HashMap;
 
 use axum::{
     body::Bytes,
-    extract::{
-        Path,
-        rejection::{BytesRejection, PathRejection},
-    },
-    http::HeaderMap,
+    extract::{FromRequestParts, Path, rejection::BytesRejection},
+    http::{HeaderMap, request::Parts},
 };
 use common::{
     http::{JsonFields, Page, PageSize, json_object},
@@ -19,11 +16,20 @@ use uuid::Uuid;
 
 /// A path segment that must be a UUID; 404 otherwise (no such resource can exist), also when
 /// it does not even decode (`%ff`), which axum's own rejection would answer in plain text.
-pub fn path_uuid(path: Result<Path<String>, PathRejection>) -> Result<Uuid, Problem> {
-    let Ok(Path(raw)) = path else {
-        return Err(Problem::not_found());
-    };
-    Uuid::parse_str(&raw).map_err(|_| Problem::not_found())
+#[derive(Debug, Clone, Copy)]
+pub struct PathUuid(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathUuid {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        let Ok(Path(raw)) = Path::<String>::from_request_parts(parts, state).await else {
+            return Err(Problem::not_found());
+        };
+        Uuid::parse_str(&raw)
+            .map(Self)
+            .map_err(|_| Problem::not_found())
+    }
 }
 
 /// The query string as parameters, refusing any not in `allowed` (400 naming it).

@@ -11,10 +11,7 @@
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{
-        Path, RawQuery, State,
-        rejection::{BytesRejection, PathRejection},
-    },
+    extract::{RawQuery, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -29,7 +26,7 @@ use sqlx::{PgPool, Row, postgres::PgRow};
 use uuid::Uuid;
 
 use crate::{
-    api::{fields, page, path_uuid, query_params, uuid_param},
+    api::{PathUuid, fields, page, query_params, uuid_param},
     error::Result,
 };
 
@@ -114,11 +111,7 @@ async fn list_products(State(pool): State<PgPool>, RawQuery(query): RawQuery) ->
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-async fn get_product(
-    State(pool): State<PgPool>,
-    id: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Response> {
-    let id = path_uuid(id)?;
+async fn get_product(State(pool): State<PgPool>, PathUuid(id): PathUuid) -> Result<Response> {
     let row = sqlx::query("SELECT * FROM products WHERE id = $1")
         .bind(id)
         .fetch_optional(&pool)
@@ -129,11 +122,10 @@ async fn get_product(
 
 async fn add_stock(
     State(pool): State<PgPool>,
-    id: std::result::Result<Path<String>, PathRejection>,
+    PathUuid(id): PathUuid,
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let id = path_uuid(id)?;
     let mut body = fields(&headers, body)?;
     let add = body.required("add", |v| integer(v, 1, MAX_STOCK))?;
     body.finish("a stock addition")?;

@@ -10,10 +10,7 @@
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{
-        Path, RawQuery, State,
-        rejection::{BytesRejection, PathRejection},
-    },
+    extract::{RawQuery, State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -28,7 +25,7 @@ use super::{
     store::{self, Created, PricedLine},
 };
 use crate::{
-    api::{fields, page, path_uuid, query_params},
+    api::{PathUuid, fields, page, query_params},
     error::Result,
 };
 
@@ -171,22 +168,14 @@ async fn list(State(orders): State<Orders>, RawQuery(query): RawQuery) -> Result
     Ok(Json(json!({ "items": items, "next_cursor": next })).into_response())
 }
 
-async fn one(
-    State(orders): State<Orders>,
-    id: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Response> {
-    let id = path_uuid(id)?;
+async fn one(State(orders): State<Orders>, PathUuid(id): PathUuid) -> Result<Response> {
     let order = store::get(&orders.pool, id)
         .await?
         .ok_or_else(Problem::not_found)?;
     Ok(Json(order).into_response())
 }
 
-async fn cancel(
-    State(orders): State<Orders>,
-    id: std::result::Result<Path<String>, PathRejection>,
-) -> Result<Response> {
-    let id = path_uuid(id)?;
+async fn cancel(State(orders): State<Orders>, PathUuid(id): PathUuid) -> Result<Response> {
     let mut tx = orders.pool.begin().await?;
     let applied = store::apply(
         &mut tx,
