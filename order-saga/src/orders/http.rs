@@ -59,14 +59,40 @@ async fn create(
     })?;
     let fingerprint = store::fingerprint(&body);
     let order = NewOrder::parse(fields(&headers, Ok(body))?)?;
-    // A retry of a stored order is answered before pricing, so it needs no inventory; the
-    // transaction below looks again under the key's lock.
-    let mut conn = orders.pool.acquire().await?;
-    let earlier = store::earlier_use(&mut conn, &key, &fingerprint).await?;
-    drop(conn);
-    if let Some(earlier) = earlier {
-        return answer(&orders, earlier);
-    }
+    let (lines, currency) = match price(&orders, &order).await {
+        Ok(priced) => priced,
+        // A retry of a stored order needs no prices: its first answer (or the 422 for another
+        // body) stands even while inventory is unreachable. A new order gets the refusal.
+        Err(refused) => {
+            let mut conn = orders.pool.acquire().await?;
+            return match store::earlier_use(&mut conn, &key, &fingerprint).await? {
+                Some(earlier) => answer(&orders, earlier),
+                None => Err(refused),
+            };
+        }
+    };
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 55 && v.is_ascii())
+        .map(str::to_owned);
+    let created = store::create(
+        &orders.pool,
+        &key,
+        &fingerprint,
+        &order,
+        &lines,
+        currency.as_deref().unwrap_or("EUR"),
+        traceparent,
+        &orders.prefix,
+        &orders.limits,
+    )
+    .await?;
+    answer(&orders, created)
+}
+
+/// The order's lines at the catalogue's prices, and their one currency.
+async fn price(orders: &Orders, order: &NewOrder) -> Result<(Vec<PricedLine>, Option<String>)> {
     let mut lines = Vec::with_capacity(order.items.len());
     let mut currency: Option<String> = None;
     for (i, item) in order.items.iter().enumerate() {
@@ -95,24 +121,7 @@ async fn create(
             unit_price: price.price,
         });
     }
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() == 55 && v.is_ascii())
-        .map(str::to_owned);
-    let created = store::create(
-        &orders.pool,
-        &key,
-        &fingerprint,
-        &order,
-        &lines,
-        currency.as_deref().unwrap_or("EUR"),
-        traceparent,
-        &orders.prefix,
-        &orders.limits,
-    )
-    .await?;
-    answer(&orders, created)
+    Ok((lines, currency))
 }
 
 /// The response to what creating an order came to.
