@@ -23,6 +23,20 @@ use crate::{config::redact_url, problem::Problem};
 /// of a shared database reads and migrates only its own tables. A request waits at most
 /// three seconds for a connection, then fails as an outage (503).
 pub async fn connect(url: &str, size: u32, schema: Option<&str>) -> anyhow::Result<PgPool> {
+    let pool = PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(Duration::from_secs(3));
+    connect_tuned(url, schema, |options| options, pool).await
+}
+
+/// [`connect`] for a service that tunes its connections (`tune` adds session settings, the
+/// statement cache's size, ...) and its pool itself.
+pub async fn connect_tuned(
+    url: &str,
+    schema: Option<&str>,
+    tune: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
+    pool: PgPoolOptions,
+) -> anyhow::Result<PgPool> {
     let failed = || format!("cannot connect to PostgreSQL at {}", redact_url(url));
     let mut options: PgConnectOptions = url.parse().with_context(failed)?;
     if let Some(schema) = schema {
@@ -49,12 +63,7 @@ pub async fn connect(url: &str, size: u32, schema: Option<&str>) -> anyhow::Resu
         admin.close().await;
         options = options.options([("search_path", schema)]);
     }
-    PgPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_with(options)
-        .await
-        .with_context(failed)
+    pool.connect_with(tune(options)).await.with_context(failed)
 }
 
 /// The answer to a request whose statement failed, with the cause logged and not sent: 503

@@ -37,9 +37,13 @@ use crate::{
 
 pub mod json_fields;
 pub mod page;
+pub mod path;
+pub mod query;
 
 pub use json_fields::JsonFields;
 pub use page::{Page, PageSize};
+pub use path::PathUuid;
+pub use query::query_params;
 
 /// Request id, span and access log for every request. Apply with `Router::layer`.
 ///

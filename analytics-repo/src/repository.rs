@@ -1,0 +1,611 @@
+//! [`EventRepository`]: every statement the service runs against its events, over one tuned
+//! pool.
+//!
+//! Ingest writes a batch in one transaction: the raw rows (by binary `COPY`, the fastest path
+//! measured; `UNNEST` and multi-row `INSERT` are kept for the bench that compares them), and,
+//! for the rows of days already closed, their sums added to `daily_rollups`. Closing a day
+//! ([`EventRepository::close_days`]) rolls it up from its raw rows. The shared/exclusive
+//! advisory lock makes those two exclusive, so every row is counted in exactly one of "closed
+//! day, in the rollup" or "open day, raw", and a report that reads both in one
+//! `REPEATABLE READ` snapshot equals the naive query over the raw rows.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Postgres, QueryBuilder, Row as _};
+use uuid::Uuid;
+
+use crate::{
+    event::{NewEvent, floor_id},
+    partitions::month_of,
+};
+
+/// The advisory lock key ingest holds shared and day closing holds exclusively
+/// (`'analytics.rollup'` hashed; any constant unique in the database does).
+const ROLLUP_LOCK: i64 = 0x616e_616c_7974_0001;
+
+/// How a batch reaches the `events` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IngestPath {
+    /// `COPY events FROM STDIN (FORMAT binary)`: the fastest measured (README, benches).
+    #[default]
+    Copy,
+    /// `INSERT … SELECT * FROM unnest($1::uuid[], …)`: one statement, five array parameters.
+    Unnest,
+    /// `INSERT … VALUES (…), (…)`: up to 13,000 rows per statement (65,535 parameters).
+    Insert,
+}
+
+impl IngestPath {
+    /// Every path, for benches.
+    pub const ALL: [Self; 3] = [Self::Copy, Self::Unnest, Self::Insert];
+
+    /// Its name in benches and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy_binary",
+            Self::Unnest => "unnest",
+            Self::Insert => "multi_row_insert",
+        }
+    }
+}
+
+/// What a stored batch changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Rows stored.
+    pub rows: u64,
+    /// Rows of closed days, added to the rollups too.
+    pub late_rows: u64,
+    /// Tenants whose closed days changed, so their cached reports are stale.
+    pub late_tenants: Vec<Uuid>,
+}
+
+/// Why a batch was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Events of tenants that do not exist: (index in the batch, tenant).
+    #[error("{} events name tenants that do not exist", .0.len())]
+    UnknownTenants(Vec<(usize, Uuid)>),
+    /// Events of months already archived: (index in the batch, month).
+    #[error("{} events fall in archived months", .0.len())]
+    ArchivedMonths(Vec<(usize, NaiveDate)>),
+    /// PostgreSQL failed.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// One row of a daily report: a tenant's day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DailyRow {
+    /// The tenant.
+    pub tenant_id: Uuid,
+    /// The UTC day.
+    pub date: NaiveDate,
+    /// Its events.
+    pub events: i64,
+    /// The sum of their processing times, ms.
+    pub processing_time_sum: i64,
+    /// `AVG(processing_time)` exactly as PostgreSQL prints it (a numeric, as text): for a
+    /// closed day `sum::numeric / count`, which is how `AVG` of an integer column finishes.
+    pub avg_time: String,
+}
+
+/// One stored event, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    /// Its id (UUIDv7, the listing's cursor).
+    pub id: Uuid,
+    /// When it happened.
+    pub created_at: DateTime<Utc>,
+    /// Milliseconds.
+    pub processing_time: i32,
+    /// What happened.
+    pub name: String,
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Tenant {
+    /// Its id.
+    pub id: Uuid,
+    /// Its name.
+    pub name: String,
+    /// `free`, `pro` or `enterprise`.
+    pub plan: String,
+}
+
+/// The plans a tenant may be on.
+pub const PLANS: [&str; 3] = ["free", "pro", "enterprise"];
+
+/// Midnight UTC starting `day`.
+pub fn start_of(day: NaiveDate) -> DateTime<Utc> {
+    day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc()
+}
+
+/// The repository. Cheap to clone (the pool is shared).
+#[derive(Debug, Clone)]
+pub struct EventRepository {
+    pool: PgPool,
+}
+
+impl EventRepository {
+    /// Over `pool` (see [`crate::db::connect`] for how it is tuned).
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Stores `events` in one transaction by `path`: all of them or, when a tenant is unknown
+    /// or a month archived, none.
+    pub async fn ingest(
+        &self,
+        events: &[NewEvent],
+        path: IngestPath,
+    ) -> Result<Ingested, IngestError> {
+        if events.is_empty() {
+            return Ok(Ingested::default());
+        }
+        let mut tx = self.pool.begin().await?;
+        let closed_through: NaiveDate = sqlx::query_scalar(
+            "SELECT closed_through FROM rollup_state, pg_advisory_xact_lock_shared($1)",
+        )
+        .bind(ROLLUP_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+        check_tenants(&mut tx, events).await?;
+        let late = late_sums(events, closed_through);
+        if let Some(oldest) = late.keys().map(|(_, day)| *day).min() {
+            check_months(&mut tx, events, oldest).await?;
+        }
+        match path {
+            IngestPath::Copy => copy_binary(&mut tx, events).await?,
+            IngestPath::Unnest => insert_unnest(&mut tx, events).await?,
+            IngestPath::Insert => insert_values(&mut tx, events).await?,
+        }
+        let late_rows = late.values().map(|(count, _)| *count).sum::<i64>() as u64;
+        if !late.is_empty() {
+            add_to_rollups(&mut tx, &late).await?;
+        }
+        tx.commit().await?;
+        let mut late_tenants: Vec<Uuid> = late.keys().map(|(tenant, _)| *tenant).collect();
+        late_tenants.dedup();
+        Ok(Ingested {
+            rows: events.len() as u64,
+            late_rows,
+            late_tenants,
+        })
+    }
+
+    /// Rolls up every day before today (UTC, by the database's clock) not yet closed, one
+    /// day per transaction; the days closed.
+    pub async fn close_days(&self) -> Result<Vec<NaiveDate>, sqlx::Error> {
+        let mut closed = Vec::new();
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let day: Option<NaiveDate> = sqlx::query_scalar(
+                "SELECT closed_through + 1 FROM rollup_state, pg_advisory_xact_lock($1)
+                 WHERE closed_through + 1 < (now() AT TIME ZONE 'UTC')::date",
+            )
+            .bind(ROLLUP_LOCK)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(day) = day else {
+                return Ok(closed);
+            };
+            let (from, to) = (start_of(day), start_of(day + TimeDelta::days(1)));
+            sqlx::query(
+                "INSERT INTO daily_rollups (tenant_id, day, events, processing_time_sum)
+                 SELECT tenant_id, $1, count(*), sum(processing_time)
+                 FROM events WHERE created_at >= $2 AND created_at < $3
+                 GROUP BY tenant_id",
+            )
+            .bind(day)
+            .bind(from)
+            .bind(to)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE rollup_state SET closed_through = $1")
+                .bind(day)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            closed.push(day);
+        }
+    }
+
+    /// The last closed day.
+    pub async fn closed_through(&self) -> Result<NaiveDate, sqlx::Error> {
+        sqlx::query_scalar("SELECT closed_through FROM rollup_state")
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// The enterprise report from `from` on, read from the rollups for closed days and from
+    /// raw rows for open ones, in one snapshot; newest day first, then by tenant.
+    pub async fn enterprise_report(&self, from: NaiveDate) -> Result<Vec<DailyRow>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let (closed_through, now): (NaiveDate, DateTime<Utc>) =
+            sqlx::query_as("SELECT closed_through, now() FROM rollup_state")
+                .fetch_one(&mut *tx)
+                .await?;
+        let open_from = start_of(from.max(closed_through + TimeDelta::days(1)));
+        // No event is later than this (the edge refuses them), and the bound lets the planner
+        // prune the default partition, so a report never holds a lock partition
+        // maintenance needs.
+        let open_to = start_of(now.date_naive() + TimeDelta::days(2));
+        let rows = sqlx::query(
+            "SELECT tenant_id, day, events, processing_time_sum,
+                    (processing_time_sum::numeric / events)::text
+             FROM daily_rollups
+             WHERE tenant_id = ANY(ARRAY(SELECT id FROM tenants WHERE plan = 'enterprise')) AND day >= $1 AND day <= $2
+             UNION ALL
+             SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
+                    count(*), sum(processing_time), avg(processing_time)::text
+             FROM events
+             WHERE tenant_id = ANY(ARRAY(SELECT id FROM tenants WHERE plan = 'enterprise'))
+               AND id >= $3 AND created_at >= $4 AND created_at < $5
+             GROUP BY 1, 2
+             ORDER BY day DESC, tenant_id",
+        )
+        .bind(from)
+        .bind(closed_through)
+        .bind(floor_id(open_from))
+        .bind(open_from)
+        .bind(open_to)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(daily_row).collect())
+    }
+
+    /// The seed's query as it was written, over raw rows only: the baseline the report is
+    /// measured and checked against.
+    pub async fn naive_enterprise_report(
+        &self,
+        from: NaiveDate,
+    ) -> Result<Vec<DailyRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, DATE(created_at) AS date, COUNT(*) AS events,
+                    AVG(processing_time)::text AS avg_time
+             FROM events WHERE created_at >= $1
+               AND tenant_id IN (SELECT id FROM tenants WHERE plan = 'enterprise')
+             GROUP BY tenant_id, DATE(created_at) ORDER BY date DESC",
+        )
+        .bind(start_of(from))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DailyRow {
+                tenant_id: row.get(0),
+                date: row.get(1),
+                events: row.get(2),
+                processing_time_sum: 0,
+                avg_time: row.get(3),
+            })
+            .collect())
+    }
+
+    /// One tenant's days `from..=to`, closed days from the rollups, open ones raw, in one
+    /// snapshot; oldest first.
+    pub async fn tenant_daily(
+        &self,
+        tenant: Uuid,
+        from: NaiveDate,
+        to: NaiveDate,
+    ) -> Result<Vec<DailyRow>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let closed_through: NaiveDate =
+            sqlx::query_scalar("SELECT closed_through FROM rollup_state")
+                .fetch_one(&mut *tx)
+                .await?;
+        let open_from = start_of(from.max(closed_through + TimeDelta::days(1)));
+        let open_to = start_of(to + TimeDelta::days(1));
+        let rows = sqlx::query(
+            "SELECT tenant_id, day, events, processing_time_sum,
+                    (processing_time_sum::numeric / events)::text
+             FROM daily_rollups
+             WHERE tenant_id = $1 AND day >= $2 AND day <= least($3, $4)
+             UNION ALL
+             SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
+                    count(*), sum(processing_time), avg(processing_time)::text
+             FROM events
+             WHERE tenant_id = $1 AND id >= $5 AND created_at >= $6 AND created_at < $7
+             GROUP BY 1, 2
+             ORDER BY day",
+        )
+        .bind(tenant)
+        .bind(from)
+        .bind(to)
+        .bind(closed_through)
+        .bind(floor_id(open_from))
+        .bind(open_from)
+        .bind(open_to)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows.iter().map(daily_row).collect())
+    }
+
+    /// A tenant's events in `[from, to)`, oldest first, `limit` after the id `after`.
+    pub async fn list_events(
+        &self,
+        tenant: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let start = after.map_or(floor_id(from), |id| id.max(floor_id(from)));
+        // The cursor's own millisecond bounds created_at too, which prunes the months before it.
+        let from = after
+            .and_then(|id| id.get_timestamp())
+            .map(|ts| {
+                let (secs, nanos) = ts.to_unix();
+                DateTime::from_timestamp(secs as i64, nanos).unwrap_or(from)
+            })
+            .map_or(from, |cursor| cursor.max(from));
+        let rows = sqlx::query(
+            "SELECT id, created_at, processing_time, name FROM events
+             WHERE tenant_id = $1 AND id > $2 AND created_at >= $3 AND created_at < $4
+             ORDER BY id LIMIT $5",
+        )
+        .bind(tenant)
+        .bind(if after.is_some() {
+            start
+        } else {
+            // `id > floor - 1`: the floor id itself is a possible id.
+            Uuid::from_u128(start.as_u128().saturating_sub(1))
+        })
+        .bind(from)
+        .bind(to)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| StoredEvent {
+                id: row.get(0),
+                created_at: row.get(1),
+                processing_time: row.get(2),
+                name: row.get(3),
+            })
+            .collect())
+    }
+
+    /// The tenant, if it exists.
+    pub async fn tenant(&self, id: Uuid) -> Result<Option<Tenant>, sqlx::Error> {
+        sqlx::query_as("SELECT id, name, plan FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, name: &str, plan: &str) -> Result<Tenant, sqlx::Error> {
+        sqlx::query_as(
+            "INSERT INTO tenants (id, name, plan) VALUES ($1, $2, $3) RETURNING id, name, plan",
+        )
+        .bind(Uuid::now_v7())
+        .bind(name)
+        .bind(plan)
+        .fetch_one(&self.pool)
+        .await
+    }
+
+    /// Moves a tenant to `plan`; `None` when there is no such tenant.
+    pub async fn set_plan(&self, id: Uuid, plan: &str) -> Result<Option<Tenant>, sqlx::Error> {
+        sqlx::query_as("UPDATE tenants SET plan = $2 WHERE id = $1 RETURNING id, name, plan")
+            .bind(id)
+            .bind(plan)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Every tenant, by id.
+    pub async fn tenants(&self) -> Result<Vec<Tenant>, sqlx::Error> {
+        sqlx::query_as("SELECT id, name, plan FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+    }
+}
+
+fn daily_row(row: &sqlx::postgres::PgRow) -> DailyRow {
+    DailyRow {
+        tenant_id: row.get(0),
+        date: row.get(1),
+        events: row.get(2),
+        processing_time_sum: row.get(3),
+        avg_time: row.get(4),
+    }
+}
+
+/// The events' (tenant, day) sums for days up to `closed_through`, in key order, which is
+/// also the order their rollup rows are locked in (so concurrent batches cannot deadlock).
+fn late_sums(
+    events: &[NewEvent],
+    closed_through: NaiveDate,
+) -> BTreeMap<(Uuid, NaiveDate), (i64, i64)> {
+    let mut sums = BTreeMap::new();
+    for event in events.iter().filter(|e| e.day() <= closed_through) {
+        let entry = sums.entry((event.tenant_id, event.day())).or_insert((0, 0));
+        entry.0 += 1;
+        entry.1 += i64::from(event.processing_time);
+    }
+    sums
+}
+
+async fn check_tenants(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), IngestError> {
+    let mut tenants: Vec<Uuid> = events.iter().map(|e| e.tenant_id).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    let known: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = ANY($1)")
+        .bind(&tenants)
+        .fetch_all(&mut *conn)
+        .await?;
+    if known.len() == tenants.len() {
+        return Ok(());
+    }
+    let unknown: Vec<(usize, Uuid)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !known.contains(&e.tenant_id))
+        .map(|(index, e)| (index, e.tenant_id))
+        .collect();
+    Err(IngestError::UnknownTenants(unknown))
+}
+
+/// Refuses events of archived months: their rows are in cold storage and the partition is
+/// gone, so a new row there would be lost to the next restore.
+async fn check_months(
+    conn: &mut PgConnection,
+    events: &[NewEvent],
+    oldest: NaiveDate,
+) -> Result<(), IngestError> {
+    let archived: Vec<NaiveDate> = sqlx::query_scalar(
+        "SELECT month FROM archived_months WHERE state <> 'restored' AND month >= $1",
+    )
+    .bind(month_of(oldest))
+    .fetch_all(&mut *conn)
+    .await?;
+    if archived.is_empty() {
+        return Ok(());
+    }
+    let refused: Vec<(usize, NaiveDate)> = events
+        .iter()
+        .enumerate()
+        .map(|(index, e)| (index, month_of(e.day())))
+        .filter(|(_, month)| archived.contains(month))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(IngestError::ArchivedMonths(refused))
+    }
+}
+
+async fn add_to_rollups(
+    conn: &mut PgConnection,
+    sums: &BTreeMap<(Uuid, NaiveDate), (i64, i64)>,
+) -> Result<(), sqlx::Error> {
+    let (mut tenants, mut days, mut counts, mut totals) = (
+        Vec::with_capacity(sums.len()),
+        Vec::with_capacity(sums.len()),
+        Vec::with_capacity(sums.len()),
+        Vec::with_capacity(sums.len()),
+    );
+    for (&(tenant, day), &(count, total)) in sums {
+        tenants.push(tenant);
+        days.push(day);
+        counts.push(count);
+        totals.push(total);
+    }
+    sqlx::query(
+        "INSERT INTO daily_rollups AS r (tenant_id, day, events, processing_time_sum)
+         SELECT * FROM unnest($1::uuid[], $2::date[], $3::int8[], $4::int8[])
+         ON CONFLICT (tenant_id, day) DO UPDATE
+         SET events = r.events + excluded.events,
+             processing_time_sum = r.processing_time_sum + excluded.processing_time_sum",
+    )
+    .bind(tenants)
+    .bind(days)
+    .bind(counts)
+    .bind(totals)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The batch in `COPY … (FORMAT binary)`'s encoding: header, one tuple per event, trailer.
+pub fn encode_binary(events: &[NewEvent]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(19 + 2 + events.len() * 90);
+    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+    buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    for event in events {
+        buf.extend_from_slice(&5i16.to_be_bytes());
+        buf.extend_from_slice(&16i32.to_be_bytes());
+        buf.extend_from_slice(event.new_id().as_bytes());
+        buf.extend_from_slice(&16i32.to_be_bytes());
+        buf.extend_from_slice(event.tenant_id.as_bytes());
+        buf.extend_from_slice(&8i32.to_be_bytes());
+        buf.extend_from_slice(
+            &(event.created_at.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes(),
+        );
+        buf.extend_from_slice(&4i32.to_be_bytes());
+        buf.extend_from_slice(&event.processing_time.to_be_bytes());
+        let name = event.name.as_str().as_bytes();
+        buf.extend_from_slice(&(name.len() as i32).to_be_bytes());
+        buf.extend_from_slice(name);
+    }
+    buf.extend_from_slice(&(-1i16).to_be_bytes());
+    buf
+}
+
+async fn copy_binary(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY events (id, tenant_id, created_at, processing_time, name) FROM STDIN (FORMAT binary)",
+        )
+        .await?;
+    if let Err(error) = copy.send(encode_binary(events)).await {
+        let _ = copy.abort("the batch could not be sent").await;
+        return Err(error);
+    }
+    copy.finish().await?;
+    Ok(())
+}
+
+async fn insert_unnest(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = events.iter().map(NewEvent::new_id).collect();
+    let tenants: Vec<Uuid> = events.iter().map(|e| e.tenant_id).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|e| e.created_at).collect();
+    let durations: Vec<i32> = events.iter().map(|e| e.processing_time).collect();
+    let names: Vec<&str> = events.iter().map(|e| e.name.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO events (id, tenant_id, created_at, processing_time, name)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::int4[], $5::text[])",
+    )
+    .bind(ids)
+    .bind(tenants)
+    .bind(times)
+    .bind(durations)
+    .bind(names)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_values(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), sqlx::Error> {
+    // 65,535 bind parameters per statement, five per row.
+    for chunk in events.chunks(13_000) {
+        let mut query: QueryBuilder<Postgres> = QueryBuilder::new(
+            "INSERT INTO events (id, tenant_id, created_at, processing_time, name) ",
+        );
+        query.push_values(chunk, |mut row, event| {
+            row.push_bind(event.new_id())
+                .push_bind(event.tenant_id)
+                .push_bind(event.created_at)
+                .push_bind(event.processing_time)
+                .push_bind(event.name.as_str());
+        });
+        // Not cached: each chunk size would be a statement of its own in the cache.
+        query.build().persistent(false).execute(&mut *conn).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! Building and running the service: connect and migrate PostgreSQL, start the report cache
+//! (Redis is optional at start), run partition maintenance and day closing in the background,
+//! bind, serve the API beside `/healthz`, `/readyz` and `/metrics`, and stop in order.
+
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    middleware::{from_fn, from_fn_with_state},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use chrono::{Months, Utc};
+use clap::Args;
+use common::{
+    config::{ServeDefaults, ServeSettings, parse_duration, parse_secret},
+    http::{ServeOptions, request_context, shed_load, time_limit},
+    problem::{self, Problem},
+    prometheus::{HttpMetrics, track_http},
+    shutdown::Background,
+    telemetry::TelemetrySettings,
+};
+use prometheus_client::registry::Registry;
+use secrecy::{ExposeSecret as _, SecretString};
+use sqlx::PgPool;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cache::{CacheMetrics, CacheSettings, ReportCache},
+    db::{self, DatabaseSettings},
+    http::{AppState, router},
+    metrics::Metrics,
+    partitions::{self, Maintenance, month_of},
+    repository::EventRepository,
+};
+
+/// Every setting of `analytics-repo serve`.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Listening and shutdown.
+    #[command(flatten)]
+    pub serve: ServeSettings<Settings>,
+    /// PostgreSQL.
+    #[command(flatten)]
+    pub database: DatabaseSettings,
+    /// Redis, for the report cache; without it (or while it is down) reports come from
+    /// PostgreSQL.
+    #[arg(long, env = "REDIS_URL", value_parser = parse_secret, hide_env_values = true)]
+    pub redis_url: Option<SecretString>,
+    /// Prefix of the cache's keys.
+    #[arg(long, env = "CACHE_PREFIX", default_value = "analytics")]
+    pub cache_prefix: String,
+    /// How long a cached report that includes today (whose raw rows keep changing) is kept.
+    #[arg(long, env = "CACHE_OPEN_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub cache_open_ttl: Duration,
+    /// How long a cached report over closed days only is kept (late events invalidate it).
+    #[arg(long, env = "CACHE_CLOSED_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub cache_closed_ttl: Duration,
+    /// How long a Redis operation may take before the cache is bypassed.
+    #[arg(long, env = "CACHE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
+    pub cache_timeout: Duration,
+    /// How often partitions are made ahead, the default partition drained and days closed.
+    #[arg(long, env = "MAINTENANCE_EVERY", default_value = "60s", value_parser = parse_duration)]
+    pub maintenance_every: Duration,
+    /// Months of partitions kept made ahead of the current one.
+    #[arg(long, env = "MONTHS_AHEAD", default_value_t = 3)]
+    pub months_ahead: u32,
+    /// How long a partition step may wait for its locks before it gives up and retries.
+    #[arg(long, env = "DDL_LOCK_TIMEOUT", default_value = "200ms", value_parser = parse_duration)]
+    pub ddl_lock_timeout: Duration,
+    /// Logs.
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
+    /// Largest request body (a batch).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most events in one batch.
+    #[arg(long, env = "MAX_BATCH", default_value_t = 50_000)]
+    pub max_batch: usize,
+    /// Requests handled at once before shedding with 503.
+    #[arg(long, env = "MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+}
+
+impl ServeDefaults for Settings {
+    const LISTEN_ADDR: &'static str = "0.0.0.0:8087";
+}
+
+impl Settings {
+    /// The partition maintenance settings.
+    pub fn maintenance(&self) -> Maintenance {
+        Maintenance {
+            lock_timeout: self.ddl_lock_timeout,
+            ..Maintenance::default()
+        }
+    }
+}
+
+/// A bound, not yet serving service.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    ready: Arc<AtomicBool>,
+    options: ServeOptions,
+    readiness_delay: Duration,
+    background: Background,
+}
+
+/// One round of maintenance: partitions from last month to `months_ahead` ahead (and any
+/// month with rows in the default partition), then the days to close.
+pub async fn maintain(
+    repository: &EventRepository,
+    maintenance: Maintenance,
+    months_ahead: u32,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let this_month = month_of(Utc::now().date_naive());
+    let round = partitions::ensure(
+        repository.pool(),
+        this_month - Months::new(1),
+        this_month + Months::new(months_ahead),
+        maintenance,
+    )
+    .await?;
+    let closed = repository.close_days().await?;
+    metrics.maintained(&round, closed.len());
+    metrics.set_closed_through(repository.closed_through().await?);
+    Ok(())
+}
+
+/// Connects, migrates, makes this month's partitions, and binds.
+pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+    let pool = db::connect(&settings.database).await?;
+    let repository = EventRepository::new(pool.clone());
+    let mut registry = Registry::with_prefix("analytics_repo");
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let cache_metrics = CacheMetrics::register(&mut registry);
+    let background = Background::new();
+    let maintenance = settings.maintenance();
+    // The first round before serving: ingest needs this month's partition.
+    maintain(&repository, maintenance, settings.months_ahead, &metrics).await?;
+    {
+        let (repository, metrics) = (repository.clone(), Arc::clone(&metrics));
+        let (every, ahead) = (settings.maintenance_every, settings.months_ahead);
+        background.spawn(|stop| async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                if let Err(error) = maintain(&repository, maintenance, ahead, &metrics).await {
+                    metrics.maintenance_failed();
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "maintenance failed; retrying next round"
+                    );
+                }
+            }
+        });
+    }
+    let client = match &settings.redis_url {
+        Some(url) => Some(redis::Client::open(url.expose_secret()).with_context(|| {
+            format!(
+                "invalid REDIS_URL {}",
+                common::config::redact_url(url.expose_secret())
+            )
+        })?),
+        None => None,
+    };
+    let stop_cache = CancellationToken::new();
+    let cache = ReportCache::start(
+        client,
+        CacheSettings {
+            prefix: settings.cache_prefix.clone(),
+            open_ttl: settings.cache_open_ttl,
+            closed_ttl: settings.cache_closed_ttl,
+            timeout: settings.cache_timeout,
+        },
+        cache_metrics,
+        stop_cache.clone(),
+    );
+    background.spawn(|stop| async move {
+        stop.cancelled().await;
+        stop_cache.cancel();
+    });
+
+    let listener = TcpListener::bind(settings.serve.listen)
+        .await
+        .with_context(|| format!("failed to bind {}", settings.serve.listen))?;
+    let http_metrics = HttpMetrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(true));
+    let ops = Ops {
+        pool,
+        cache: cache.clone(),
+        ready: Arc::clone(&ready),
+        registry: Arc::new(registry),
+    };
+    let state = AppState {
+        repository,
+        cache,
+        metrics,
+        max_batch: settings.max_batch,
+    };
+    let permits = Arc::new(Semaphore::new(settings.max_in_flight));
+    let router = router(state)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(from_fn_with_state(permits, shed_load))
+        .route_layer(from_fn_with_state(
+            settings.serve.request_timeout,
+            time_limit,
+        ))
+        .merge(ops_router(ops))
+        .route_layer(from_fn_with_state(http_metrics, track_http))
+        .fallback(problem::not_found)
+        .method_not_allowed_fallback(problem::method_not_allowed)
+        .layer(from_fn(request_context));
+    Ok(Application {
+        listener,
+        router,
+        ready,
+        options: settings.serve.serve_options(),
+        readiness_delay: settings.serve.shutdown_readiness_delay,
+        background,
+    })
+}
+
+impl Application {
+    /// The port actually bound (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// Serves until `shutdown` completes, then drains within the grace period.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let address = self
+            .listener
+            .local_addr()
+            .context("failed to read the bound address")?;
+        tracing::info!(addr = %address, "listening");
+        let ready = Arc::clone(&self.ready);
+        let delay = self.readiness_delay;
+        let started = Arc::new(parking_lot::Mutex::new(None::<Instant>));
+        let started_at = Arc::clone(&started);
+        let shutdown = async move {
+            shutdown.await;
+            common::shutdown::withdraw_readiness(&ready, delay).await;
+            *started_at.lock() = Some(Instant::now());
+            tracing::info!("shutting down: draining requests");
+        };
+        let grace = self.options.grace;
+        let drained = common::http::serve(self.listener, self.router, shutdown, self.options)
+            .await
+            .context("server failed")?;
+        let elapsed = started.lock().map_or(Duration::ZERO, |s| s.elapsed());
+        let stopped = self.background.stop(grace.saturating_sub(elapsed)).await;
+        if drained && stopped {
+            tracing::info!("stopped cleanly");
+        } else {
+            tracing::warn!(
+                requests_drained = drained,
+                maintenance_stopped = stopped,
+                "grace period over"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Ops {
+    pool: PgPool,
+    cache: ReportCache,
+    ready: Arc<AtomicBool>,
+    registry: Arc<Registry>,
+}
+
+fn ops_router(ops: Ops) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(ops)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Ready when PostgreSQL answers; Redis only speeds reports up, so its absence is reported,
+/// not failed on.
+async fn readyz(State(ops): State<Ops>) -> Response {
+    if !ops.ready.load(Ordering::Acquire) {
+        return Problem::unavailable("shutting down", 5).into_response();
+    }
+    if let Err(error) = sqlx::query("SELECT 1").execute(&ops.pool).await {
+        tracing::warn!(%error, "readiness: PostgreSQL unreachable");
+        return Problem::unavailable("PostgreSQL is unreachable", 1).into_response();
+    }
+    let cache = if ops.cache.usable() {
+        "in use"
+    } else {
+        "bypassed"
+    };
+    Json(serde_json::json!({ "status": "ready", "report_cache": cache })).into_response()
+}
+
+async fn metrics(State(ops): State<Ops>) -> Response {
+    common::prometheus::render(&ops.registry)
+}
