@@ -21,13 +21,16 @@ CREATE TABLE events (
     name            text        NOT NULL
 ) PARTITION BY RANGE (created_at);
 CREATE INDEX events_tenant_id ON events (tenant_id, id);
+-- The roll-up reads the last second or so of rows by time; rows arrive in time order, so a
+-- BRIN index (a few pages per month) finds them without a second B-tree to maintain.
+CREATE INDEX events_created_at ON events USING brin (created_at);
 
 -- Rows outside every monthly partition (far past, far future) land here; the partition
 -- maintainer moves them into the month it then creates, so this stays empty.
 CREATE TABLE events_default PARTITION OF events DEFAULT;
 
--- Per tenant and UTC day: the count and the sum that make an exact AVG (sum / count).
--- A day is in here once it is closed (see rollup_state); until then the reports read it raw.
+-- Per tenant and UTC day: the count and the sum that make an exact AVG (sum / count), of every
+-- event before the watermark (rollup_state). Events after it are read raw by the reports.
 CREATE TABLE daily_rollups (
     tenant_id           uuid   NOT NULL,
     day                 date   NOT NULL,
@@ -36,14 +39,16 @@ CREATE TABLE daily_rollups (
     PRIMARY KEY (tenant_id, day)
 );
 
--- The last closed UTC day: days up to it are in daily_rollups, later ones only in events.
--- An ingest holds the shared advisory lock while it reads this and writes; closing a day
--- holds it exclusively, so no batch straddles the moment a day closes.
+-- The watermark: every event with created_at before it is counted in daily_rollups, every
+-- later one only in events. An ingest holds the shared advisory lock while it reads this and
+-- writes (events before it go to the rollups in the same transaction); the roll-up holds it
+-- exclusively while it folds the rows up to now into the rollups and moves it, so no batch
+-- straddles a move.
 CREATE TABLE rollup_state (
-    singleton     boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    closed_through date   NOT NULL
+    singleton    boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    rolled_up_to timestamptz NOT NULL
 );
-INSERT INTO rollup_state (closed_through) VALUES ((now() AT TIME ZONE 'UTC')::date - 1);
+INSERT INTO rollup_state (rolled_up_to) VALUES (date_trunc('day', now(), 'UTC'));
 
 -- Archived months: each step is recorded as it is done, so an archiver killed at any point
 -- resumes from the last recorded one.

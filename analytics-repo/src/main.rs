@@ -57,8 +57,8 @@ enum Command {
         #[command(flatten)]
         telemetry: TelemetrySettings,
     },
-    /// One round of maintenance: partitions made ahead, the default partition drained, days
-    /// closed.
+    /// One round of maintenance: partitions made ahead, the default partition drained, the
+    /// raw rows up to now rolled up.
     Maintain {
         #[command(flatten)]
         database: DatabaseSettings,
@@ -205,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
             let mut registry = prometheus_client::registry::Registry::default();
             let metrics = Metrics::register(&mut registry);
             startup::maintain(&repository, Maintenance::default(), months_ahead, &metrics).await?;
-            eprintln!("closed through {}", repository.closed_through().await?);
+            eprintln!("rolled up to {}", repository.rolled_up_to().await?);
             Ok(())
         }
         Command::Archive {

@@ -28,9 +28,9 @@ pub struct Metrics {
     partitions_created: Counter,
     default_rows_moved: Counter,
     maintenance_lock_timeouts: Counter,
-    days_closed: Counter,
     maintenance_errors: Counter,
-    closed_through: Gauge,
+    watermark_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    rolled_rows: Counter,
 }
 
 fn histogram() -> Histogram {
@@ -53,9 +53,9 @@ impl Metrics {
             partitions_created: Counter::default(),
             default_rows_moved: Counter::default(),
             maintenance_lock_timeouts: Counter::default(),
-            days_closed: Counter::default(),
             maintenance_errors: Counter::default(),
-            closed_through: Gauge::default(),
+            watermark_lag: Gauge::default(),
+            rolled_rows: Counter::default(),
         };
         registry.register("ingested_rows", "Events stored", metrics.rows.clone());
         registry.register(
@@ -94,19 +94,19 @@ impl Metrics {
             metrics.maintenance_lock_timeouts.clone(),
         );
         registry.register(
-            "days_closed",
-            "UTC days rolled up",
-            metrics.days_closed.clone(),
-        );
-        registry.register(
             "maintenance_errors",
             "Maintenance rounds that failed (retried next round)",
             metrics.maintenance_errors.clone(),
         );
         registry.register(
-            "closed_through_days",
-            "The last closed day, as days since 1970-01-01",
-            metrics.closed_through.clone(),
+            "rollup_watermark_lag_seconds",
+            "How far the roll-up watermark was behind the clock after the last roll-up",
+            metrics.watermark_lag.clone(),
+        );
+        registry.register(
+            "rolled_up_rows",
+            "Raw rows folded into the rollups by the roll-up",
+            metrics.rolled_rows.clone(),
         );
         metrics
     }
@@ -130,12 +130,11 @@ impl Metrics {
     }
 
     /// A maintenance round's outcome.
-    pub fn maintained(&self, round: &crate::partitions::Round, days_closed: usize) {
+    pub fn maintained(&self, round: &crate::partitions::Round) {
         self.partitions_created.inc_by(round.created.len() as u64);
         self.default_rows_moved.inc_by(round.drained_rows);
         self.maintenance_lock_timeouts
             .inc_by(u64::from(round.lock_timeouts));
-        self.days_closed.inc_by(days_closed as u64);
     }
 
     /// A maintenance round failed.
@@ -143,9 +142,10 @@ impl Metrics {
         self.maintenance_errors.inc();
     }
 
-    /// The last closed day.
-    pub fn set_closed_through(&self, day: chrono::NaiveDate) {
-        let days = (day - chrono::NaiveDate::from_ymd_opt(1970, 1, 1).expect("valid")).num_days();
-        self.closed_through.set(days);
+    /// A roll-up done: the rows it folded, and the watermark it left.
+    pub fn rolled_up(&self, rows: u64, watermark: chrono::DateTime<chrono::Utc>) {
+        self.rolled_rows.inc_by(rows);
+        let lag = (chrono::Utc::now() - watermark).num_milliseconds() as f64 / 1e3;
+        self.watermark_lag.set(lag.max(0.0));
     }
 }

@@ -163,6 +163,11 @@ pub async fn create_month(
         ))
         .execute(&mut *conn)
         .await?;
+        sqlx::query(&format!(
+            "CREATE INDEX IF NOT EXISTS {table}_created_at ON {table} USING brin (created_at)"
+        ))
+        .execute(&mut *conn)
+        .await?;
         Ok::<_, sqlx::Error>(())
     };
     let prepared = prepare.await;

@@ -3,11 +3,13 @@
 //!
 //! Ingest writes a batch in one transaction: the raw rows (by binary `COPY`, the fastest path
 //! measured; `UNNEST` and multi-row `INSERT` are kept for the bench that compares them), and,
-//! for the rows of days already closed, their sums added to `daily_rollups`. Closing a day
-//! ([`EventRepository::close_days`]) rolls it up from its raw rows. The shared/exclusive
-//! advisory lock makes those two exclusive, so every row is counted in exactly one of "closed
-//! day, in the rollup" or "open day, raw", and a report that reads both in one
-//! `REPEATABLE READ` snapshot equals the naive query over the raw rows.
+//! for the rows older than the watermark (late events), their sums added to `daily_rollups`.
+//! The roll-up ([`EventRepository::roll_up`], every second in the service) folds the raw rows
+//! between the watermark and now into the rollups and moves the watermark. The
+//! shared/exclusive advisory lock keeps those two apart, so every row is counted in exactly one
+//! of "before the watermark, in the rollups" or "after it, raw", and a report that reads both
+//! in one `REPEATABLE READ` snapshot equals the naive query over the raw rows. Closed days come
+//! from the rollups; of the open day, only the last second or so is read raw.
 
 use std::collections::BTreeMap;
 
@@ -56,9 +58,9 @@ impl IngestPath {
 pub struct Ingested {
     /// Rows stored.
     pub rows: u64,
-    /// Rows of closed days, added to the rollups too.
+    /// Rows older than the watermark (late events), added to the rollups too.
     pub late_rows: u64,
-    /// Tenants whose closed days changed, so their cached reports are stale.
+    /// Tenants whose rolled-up days changed, so their cached reports are stale.
     pub late_tenants: Vec<Uuid>,
 }
 
@@ -87,8 +89,9 @@ pub struct DailyRow {
     pub events: i64,
     /// The sum of their processing times, ms.
     pub processing_time_sum: i64,
-    /// `AVG(processing_time)` exactly as PostgreSQL prints it (a numeric, as text): for a
-    /// closed day `sum::numeric / count`, which is how `AVG` of an integer column finishes.
+    /// `AVG(processing_time)` exactly as PostgreSQL prints it (a numeric, as text):
+    /// `sum::numeric / count`, which is how `AVG` of an integer column finishes. The naive
+    /// query reads it from `AVG` itself and leaves `processing_time_sum` at 0.
     pub avg_time: String,
 }
 
@@ -152,14 +155,14 @@ impl EventRepository {
             return Ok(Ingested::default());
         }
         let mut tx = self.pool.begin().await?;
-        let closed_through: NaiveDate = sqlx::query_scalar(
-            "SELECT closed_through FROM rollup_state, pg_advisory_xact_lock_shared($1)",
+        let watermark: DateTime<Utc> = sqlx::query_scalar(
+            "SELECT rolled_up_to FROM rollup_state, pg_advisory_xact_lock_shared($1)",
         )
         .bind(ROLLUP_LOCK)
         .fetch_one(&mut *tx)
         .await?;
         check_tenants(&mut tx, events).await?;
-        let late = late_sums(events, closed_through);
+        let late = late_sums(events, watermark);
         if let Some(oldest) = late.keys().map(|(_, day)| *day).min() {
             check_months(&mut tx, events, oldest).await?;
         }
@@ -182,85 +185,102 @@ impl EventRepository {
         })
     }
 
-    /// Rolls up every day before today (UTC, by the database's clock) not yet closed, one
-    /// day per transaction; the days closed.
-    pub async fn close_days(&self) -> Result<Vec<NaiveDate>, sqlx::Error> {
-        let mut closed = Vec::new();
-        loop {
-            let mut tx = self.pool.begin().await?;
-            let day: Option<NaiveDate> = sqlx::query_scalar(
-                "SELECT closed_through + 1 FROM rollup_state, pg_advisory_xact_lock($1)
-                 WHERE closed_through + 1 < (now() AT TIME ZONE 'UTC')::date",
-            )
-            .bind(ROLLUP_LOCK)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(day) = day else {
-                return Ok(closed);
-            };
-            let (from, to) = (start_of(day), start_of(day + TimeDelta::days(1)));
-            sqlx::query(
-                "INSERT INTO daily_rollups (tenant_id, day, events, processing_time_sum)
-                 SELECT tenant_id, $1, count(*), sum(processing_time)
-                 FROM events WHERE created_at >= $2 AND created_at < $3
-                 GROUP BY tenant_id",
-            )
-            .bind(day)
-            .bind(from)
+    /// Folds the raw rows from the watermark to now into the rollups and moves the
+    /// watermark to now, in one transaction holding the roll-up lock exclusively (batches wait
+    /// for it; it waits for batches in flight); the new watermark and the rows folded.
+    pub async fn roll_up(&self) -> Result<(DateTime<Utc>, u64), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let (from, to): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+            "SELECT rolled_up_to, greatest(rolled_up_to, now())
+             FROM rollup_state, pg_advisory_xact_lock($1)",
+        )
+        .bind(ROLLUP_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+        let folded: Option<i64> = sqlx::query_scalar(
+            "WITH sums AS (
+                 SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date AS day,
+                        count(*) AS events, sum(processing_time) AS total
+                 FROM events WHERE created_at >= $1 AND created_at < $2
+                 GROUP BY 1, 2 ORDER BY 1, 2
+             ), added AS (
+                 INSERT INTO daily_rollups AS r (tenant_id, day, events, processing_time_sum)
+                 SELECT tenant_id, day, events, total FROM sums
+                 ON CONFLICT (tenant_id, day) DO UPDATE
+                 SET events = r.events + excluded.events,
+                     processing_time_sum = r.processing_time_sum + excluded.processing_time_sum
+             )
+             SELECT sum(events)::int8 FROM sums",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE rollup_state SET rolled_up_to = $1")
             .bind(to)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("UPDATE rollup_state SET closed_through = $1")
-                .bind(day)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            closed.push(day);
-        }
+        tx.commit().await?;
+        Ok((to, folded.unwrap_or(0) as u64))
     }
 
-    /// The last closed day.
-    pub async fn closed_through(&self) -> Result<NaiveDate, sqlx::Error> {
-        sqlx::query_scalar("SELECT closed_through FROM rollup_state")
+    /// The watermark: events before it are in the rollups.
+    pub async fn rolled_up_to(&self) -> Result<DateTime<Utc>, sqlx::Error> {
+        sqlx::query_scalar("SELECT rolled_up_to FROM rollup_state")
             .fetch_one(&self.pool)
             .await
     }
 
-    /// The enterprise report from `from` on, read from the rollups for closed days and from
-    /// raw rows for open ones, in one snapshot; newest day first, then by tenant.
+    /// The enterprise report from `from` on: the rollups, plus the raw rows after the
+    /// watermark, in one snapshot; newest day first, then by tenant.
     pub async fn enterprise_report(&self, from: NaiveDate) -> Result<Vec<DailyRow>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let (closed_through, now): (NaiveDate, DateTime<Utc>) =
-            sqlx::query_as("SELECT closed_through, now() FROM rollup_state")
+        let (watermark, now): (DateTime<Utc>, DateTime<Utc>) =
+            sqlx::query_as("SELECT rolled_up_to, now() FROM rollup_state")
                 .fetch_one(&mut *tx)
                 .await?;
-        let open_from = start_of(from.max(closed_through + TimeDelta::days(1)));
+        let open_from = start_of(from).max(watermark);
         // No event is later than this (the edge refuses them), and the bound lets the planner
         // prune the default partition, so a report never holds a lock partition
         // maintenance needs.
         let open_to = start_of(now.date_naive() + TimeDelta::days(2));
         let rows = sqlx::query(
-            "SELECT tenant_id, day, events, processing_time_sum,
+            // Days before the watermark's are whole in the rollups and pass through as they
+            // are; only the watermark's day (and any later) adds rollup and raw parts.
+            "WITH enterprise AS MATERIALIZED (
+                 SELECT ARRAY(SELECT id FROM tenants WHERE plan = 'enterprise') AS ids
+             ), open_parts AS (
+                 SELECT tenant_id, day, events, processing_time_sum AS total
+                 FROM daily_rollups
+                 WHERE tenant_id = ANY((SELECT ids FROM enterprise)::uuid[])
+                   AND day >= greatest($1, $5)
+                 UNION ALL
+                 SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
+                        count(*), sum(processing_time)
+                 FROM events
+                 WHERE tenant_id = ANY((SELECT ids FROM enterprise)::uuid[])
+                   AND id >= $2 AND created_at >= $3 AND created_at < $4
+                 GROUP BY 1, 2
+             )
+             SELECT tenant_id, day, events, processing_time_sum,
                     (processing_time_sum::numeric / events)::text
              FROM daily_rollups
-             WHERE tenant_id = ANY(ARRAY(SELECT id FROM tenants WHERE plan = 'enterprise')) AND day >= $1 AND day <= $2
+             WHERE tenant_id = ANY((SELECT ids FROM enterprise)::uuid[])
+               AND day >= $1 AND day < $5
              UNION ALL
-             SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
-                    count(*), sum(processing_time), avg(processing_time)::text
-             FROM events
-             WHERE tenant_id = ANY(ARRAY(SELECT id FROM tenants WHERE plan = 'enterprise'))
-               AND id >= $3 AND created_at >= $4 AND created_at < $5
-             GROUP BY 1, 2
+             SELECT tenant_id, day, sum(events)::int8, sum(total)::int8,
+                    (sum(total)::numeric / sum(events))::text
+             FROM open_parts GROUP BY tenant_id, day
              ORDER BY day DESC, tenant_id",
         )
         .bind(from)
-        .bind(closed_through)
         .bind(floor_id(open_from))
         .bind(open_from)
         .bind(open_to)
+        .bind(watermark.date_naive())
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -295,8 +315,8 @@ impl EventRepository {
             .collect())
     }
 
-    /// One tenant's days `from..=to`, closed days from the rollups, open ones raw, in one
-    /// snapshot; oldest first.
+    /// One tenant's days `from..=to`: the rollups, plus the raw rows after the watermark, in
+    /// one snapshot; oldest first.
     pub async fn tenant_daily(
         &self,
         tenant: Uuid,
@@ -307,29 +327,31 @@ impl EventRepository {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let closed_through: NaiveDate =
-            sqlx::query_scalar("SELECT closed_through FROM rollup_state")
-                .fetch_one(&mut *tx)
-                .await?;
-        let open_from = start_of(from.max(closed_through + TimeDelta::days(1)));
+        let watermark: DateTime<Utc> = sqlx::query_scalar("SELECT rolled_up_to FROM rollup_state")
+            .fetch_one(&mut *tx)
+            .await?;
+        let open_from = start_of(from).max(watermark);
         let open_to = start_of(to + TimeDelta::days(1));
         let rows = sqlx::query(
-            "SELECT tenant_id, day, events, processing_time_sum,
-                    (processing_time_sum::numeric / events)::text
-             FROM daily_rollups
-             WHERE tenant_id = $1 AND day >= $2 AND day <= least($3, $4)
-             UNION ALL
-             SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
-                    count(*), sum(processing_time), avg(processing_time)::text
-             FROM events
-             WHERE tenant_id = $1 AND id >= $5 AND created_at >= $6 AND created_at < $7
-             GROUP BY 1, 2
+            "WITH parts AS (
+                 SELECT tenant_id, day, events, processing_time_sum AS total
+                 FROM daily_rollups
+                 WHERE tenant_id = $1 AND day >= $2 AND day <= $3
+                 UNION ALL
+                 SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date,
+                        count(*), sum(processing_time)
+                 FROM events
+                 WHERE tenant_id = $1 AND id >= $4 AND created_at >= $5 AND created_at < $6
+                 GROUP BY 1, 2
+             )
+             SELECT tenant_id, day, sum(events)::int8, sum(total)::int8,
+                    (sum(total)::numeric / sum(events))::text
+             FROM parts GROUP BY tenant_id, day
              ORDER BY day",
         )
         .bind(tenant)
         .bind(from)
         .bind(to)
-        .bind(closed_through)
         .bind(floor_id(open_from))
         .bind(open_from)
         .bind(open_to)
@@ -432,14 +454,14 @@ fn daily_row(row: &sqlx::postgres::PgRow) -> DailyRow {
     }
 }
 
-/// The events' (tenant, day) sums for days up to `closed_through`, in key order, which is
-/// also the order their rollup rows are locked in (so concurrent batches cannot deadlock).
+/// The (tenant, day) sums of the events before `watermark`, in key order, which is also the
+/// order their rollup rows are locked in (so concurrent batches cannot deadlock).
 fn late_sums(
     events: &[NewEvent],
-    closed_through: NaiveDate,
+    watermark: DateTime<Utc>,
 ) -> BTreeMap<(Uuid, NaiveDate), (i64, i64)> {
     let mut sums = BTreeMap::new();
-    for event in events.iter().filter(|e| e.day() <= closed_through) {
+    for event in events.iter().filter(|e| e.created_at < watermark) {
         let entry = sums.entry((event.tenant_id, event.day())).or_insert((0, 0));
         entry.0 += 1;
         entry.1 += i64::from(event.processing_time);

@@ -69,9 +69,13 @@ pub struct Settings {
     /// How long a Redis operation may take before the cache is bypassed.
     #[arg(long, env = "CACHE_TIMEOUT", default_value = "250ms", value_parser = parse_duration)]
     pub cache_timeout: Duration,
-    /// How often partitions are made ahead, the default partition drained and days closed.
+    /// How often partitions are made ahead and the default partition drained.
     #[arg(long, env = "MAINTENANCE_EVERY", default_value = "60s", value_parser = parse_duration)]
     pub maintenance_every: Duration,
+    /// How often the raw rows up to now are folded into the rollups; the reports read raw
+    /// only what arrived since.
+    #[arg(long, env = "ROLL_UP_EVERY", default_value = "1s", value_parser = parse_duration)]
+    pub roll_up_every: Duration,
     /// Months of partitions kept made ahead of the current one.
     #[arg(long, env = "MONTHS_AHEAD", default_value_t = 3)]
     pub months_ahead: u32,
@@ -117,7 +121,7 @@ pub struct Application {
 }
 
 /// One round of maintenance: partitions from last month to `months_ahead` ahead (and any
-/// month with rows in the default partition), then the days to close.
+/// month with rows in the default partition), then a roll-up.
 pub async fn maintain(
     repository: &EventRepository,
     maintenance: Maintenance,
@@ -132,9 +136,9 @@ pub async fn maintain(
         maintenance,
     )
     .await?;
-    let closed = repository.close_days().await?;
-    metrics.maintained(&round, closed.len());
-    metrics.set_closed_through(repository.closed_through().await?);
+    metrics.maintained(&round);
+    let (watermark, rows) = repository.roll_up().await?;
+    metrics.rolled_up(rows, watermark);
     Ok(())
 }
 
@@ -164,6 +168,28 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
                         error = format!("{error:#}"),
                         "maintenance failed; retrying next round"
                     );
+                }
+            }
+        });
+    }
+    {
+        let (repository, metrics, every) = (
+            repository.clone(),
+            Arc::clone(&metrics),
+            settings.roll_up_every,
+        );
+        background.spawn(|stop| async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                match repository.roll_up().await {
+                    Ok((watermark, rows)) => metrics.rolled_up(rows, watermark),
+                    Err(error) => {
+                        metrics.maintenance_failed();
+                        tracing::warn!(%error, "roll-up failed; retrying");
+                    }
                 }
             }
         });

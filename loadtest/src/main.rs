@@ -11,12 +11,13 @@
 //!
 //! # Layout
 //! - [`preflight`]: the checks before any load; [`backends`]: PostgreSQL and Redis.
-//! - [`metrics`], [`notify`], [`gateway`], [`orders`]: one scenario each.
+//! - [`metrics`], [`notify`], [`gateway`], [`orders`], [`analytics`]: one scenario each.
 //! - [`report`]: targets, goals, figures, the JSON report and the table.
 //! - [`scrape`]: services' histograms and the host's steal, and the quiet-stretch judgement.
 //! - [`service`]: child processes; [`client`]: the raw HTTP/1.1 client; [`progress`]: the
 //!   terminal's progress lines.
 
+mod analytics;
 mod backends;
 mod client;
 mod gateway;
@@ -62,6 +63,10 @@ enum Scenario {
     /// order-saga: create latency and sagas/s beside pgbench, 1,000 buyers of 10 units, and
     /// provider faults with a service killed mid-phase, ending with the invariants.
     Orders,
+    /// analytics-repo: the seed's query against the rewritten report on the same data, ingest
+    /// through the repository and HTTP with the report beside it, one old month archived and
+    /// restored.
+    Analytics,
     /// Every scenario, one table.
     Suite,
     /// Internal: the memory soak, run in a child process so its RSS is measured alone.
@@ -162,11 +167,13 @@ fn scenarios(scenario: &Scenario) -> Vec<Scenario> {
             Scenario::Notify,
             Scenario::Gateway,
             Scenario::Orders,
+            Scenario::Analytics,
         ],
         Scenario::Metrics => vec![Scenario::Metrics],
         Scenario::Notify => vec![Scenario::Notify],
         Scenario::Gateway => vec![Scenario::Gateway],
         Scenario::Orders => vec![Scenario::Orders],
+        Scenario::Analytics => vec![Scenario::Analytics],
         Scenario::MetricsSoak | Scenario::NotifyClients { .. } | Scenario::EchoUpstream { .. } => {
             unreachable!("handled before the runtime starts")
         }
@@ -206,6 +213,13 @@ fn needs(scenario: &Scenario, quick: bool) -> Needs {
             open_files: 2_048,
             nginx_peer: false,
         },
+        Scenario::Analytics => Needs {
+            scenario: "analytics",
+            binaries: &["analytics-repo"],
+            backends: &[Backend::Postgres, Backend::Redis],
+            open_files: 256,
+            nginx_peer: false,
+        },
         _ => unreachable!("only scenarios have needs"),
     }
 }
@@ -235,6 +249,11 @@ async fn run(cli: &Cli) -> anyhow::Result<bool> {
             }
             Scenario::Orders => {
                 AssertUnwindSafe(orders::run(&mut report, cli.quick))
+                    .catch_unwind()
+                    .await
+            }
+            Scenario::Analytics => {
+                AssertUnwindSafe(analytics::run(&mut report, cli.quick))
                     .catch_unwind()
                     .await
             }
