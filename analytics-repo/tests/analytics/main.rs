@@ -1,0 +1,11 @@
+//! analytics-repo against the real PostgreSQL and Redis: the reports' exactness, the report
+//! cache over HTTP (and without Redis), archival killed and resumed, partition maintenance
+//! beside long reports, bad input on every endpoint, and the keyset listing.
+
+mod archive;
+mod bad_input;
+mod cache;
+mod listing;
+mod partitions;
+mod rollups;
+mod support;
