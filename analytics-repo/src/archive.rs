@@ -262,7 +262,7 @@ impl Archiver {
         sqlx::query(
             "UPDATE archived_months
              SET state = 'exported', rows = $2, checksum = $3::numeric, file_sha256 = $4,
-                 file_bytes = $5, updated_at = now()
+                 file_bytes = $5, path = $6, updated_at = now()
              WHERE month = $1 AND state = 'detached'",
         )
         .bind(month)
@@ -270,6 +270,9 @@ impl Archiver {
         .bind(&checksum)
         .bind(&file_sha256)
         .bind(file_bytes as i64)
+        // The file just written: a run resumed with another directory than the one that
+        // detached the month writes there, and the drop and a restore must look there.
+        .bind(path.display().to_string())
         .execute(&mut *conn)
         .await?;
         tracing::info!(%month, rows, file_bytes, "month exported and verified");

@@ -155,12 +155,16 @@ impl EventRepository {
             return Ok(Ingested::default());
         }
         let mut tx = self.pool.begin().await?;
-        let watermark: DateTime<Utc> = sqlx::query_scalar(
-            "SELECT rolled_up_to FROM rollup_state, pg_advisory_xact_lock_shared($1)",
-        )
-        .bind(ROLLUP_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
+        // The lock in a statement of its own: a statement reads the snapshot it started with,
+        // so a read in the same statement as the wait would see the watermark from before a
+        // roll-up it waited for, and store as raw the events that roll-up already passed.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(ROLLUP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let watermark: DateTime<Utc> = sqlx::query_scalar("SELECT rolled_up_to FROM rollup_state")
+            .fetch_one(&mut *tx)
+            .await?;
         check_tenants(&mut tx, events).await?;
         let late = late_sums(events, watermark);
         if let Some(oldest) = late.keys().map(|(_, day)| *day).min() {
@@ -190,13 +194,16 @@ impl EventRepository {
     /// for it; it waits for batches in flight); the new watermark and the rows folded.
     pub async fn roll_up(&self) -> Result<(DateTime<Utc>, u64), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let (from, to): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
-            "SELECT rolled_up_to, greatest(rolled_up_to, now())
-             FROM rollup_state, pg_advisory_xact_lock($1)",
-        )
-        .bind(ROLLUP_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
+        // As in ingest: the watermark is read after the wait, by a statement of its own, or a
+        // roll-up queued behind another would fold that one's rows a second time.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ROLLUP_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let (from, to): (DateTime<Utc>, DateTime<Utc>) =
+            sqlx::query_as("SELECT rolled_up_to, greatest(rolled_up_to, now()) FROM rollup_state")
+                .fetch_one(&mut *tx)
+                .await?;
         let folded: Option<i64> = sqlx::query_scalar(
             "WITH sums AS (
                  SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date AS day,
