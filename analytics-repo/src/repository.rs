@@ -60,7 +60,8 @@ pub struct Ingested {
     pub rows: u64,
     /// Rows older than the watermark (late events), added to the rollups too.
     pub late_rows: u64,
-    /// Tenants whose rolled-up days changed, so their cached reports are stale.
+    /// Tenants with late events for days before today: their cached reports are stale. (Events
+    /// of today change only answers that include today, which the cache keeps for seconds.)
     pub late_tenants: Vec<Uuid>,
 }
 
@@ -180,7 +181,14 @@ impl EventRepository {
             add_to_rollups(&mut tx, &late).await?;
         }
         tx.commit().await?;
-        let mut late_tenants: Vec<Uuid> = late.keys().map(|(tenant, _)| *tenant).collect();
+        // A change to today is left to the cache's short TTL for answers that include today;
+        // a change to an earlier day would otherwise live as long as a closed-days answer.
+        let today = Utc::now().date_naive();
+        let mut late_tenants: Vec<Uuid> = late
+            .keys()
+            .filter(|(_, day)| *day < today)
+            .map(|(tenant, _)| *tenant)
+            .collect();
         late_tenants.dedup();
         Ok(Ingested {
             rows: events.len() as u64,
