@@ -169,7 +169,13 @@ trait TruncateNanos: Sized {
 impl TruncateNanos for DateTime<Utc> {
     fn with_nanosecond_truncated(self) -> Option<Self> {
         use chrono::Timelike as _;
-        self.with_nanosecond(self.nanosecond() / 1_000 * 1_000)
+        let nanos = self.nanosecond() / 1_000 * 1_000;
+        // A leap second (23:59:60) is stored by PostgreSQL as the next day's first second:
+        // take it as that here too, or its rollup day would not be its row's day.
+        if nanos >= 1_000_000_000 {
+            return Some(self.with_nanosecond(nanos - 1_000_000_000)? + TimeDelta::seconds(1));
+        }
+        self.with_nanosecond(nanos)
     }
 }
 
@@ -281,6 +287,18 @@ mod tests {
             "2026-06-14T23:59:59.999999+00:00"
         );
         assert_eq!(parsed.day().to_string(), "2026-06-14");
+    }
+
+    #[test]
+    fn a_leap_second_is_the_next_days_first_second_as_postgresql_stores_it() {
+        let mut body = event();
+        body["created_at"] = json!("2026-06-14T23:59:60.5000009Z");
+        let parsed = parse(0, body, now()).unwrap();
+        assert_eq!(
+            parsed.created_at.to_rfc3339(),
+            "2026-06-15T00:00:00.500+00:00"
+        );
+        assert_eq!(parsed.day().to_string(), "2026-06-15");
     }
 
     #[test]
