@@ -36,7 +36,9 @@ CREATE TABLE daily_rollups (
     day                 date   NOT NULL,
     events              bigint NOT NULL,
     processing_time_sum bigint NOT NULL,
-    PRIMARY KEY (tenant_id, day)
+    -- Covering: the report reads ~100K rollup rows by index alone (no heap visits once
+    -- vacuumed), 88-117 ms against 115-148 ms at 1M events (README, "Queries").
+    PRIMARY KEY (tenant_id, day) INCLUDE (events, processing_time_sum)
 );
 
 -- The watermark: every event with created_at before it is counted in daily_rollups, every
