@@ -22,6 +22,7 @@ use common::{
     problem::Problem,
     storable::StorableText,
 };
+use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -29,7 +30,7 @@ use crate::{
     cache::{ReportCache, Scope},
     event::{self, EARLIEST},
     metrics::Metrics,
-    repository::{EventRepository, IngestError, IngestPath, PLANS, start_of},
+    repository::{DailyRow, EventRepository, IngestError, IngestPath, PLANS, start_of},
 };
 
 /// Refusals listed in one 422.
@@ -199,6 +200,30 @@ fn refused(refusals: &[event::Refusal]) -> Problem {
     problem
 }
 
+/// The enterprise report's body.
+#[derive(Serialize)]
+struct EnterpriseDaily<'a> {
+    from: NaiveDate,
+    rows: &'a [DailyRow],
+}
+
+/// A tenant's daily report's body.
+#[derive(Serialize)]
+struct TenantDaily<'a> {
+    tenant_id: Uuid,
+    from: NaiveDate,
+    to: NaiveDate,
+    days: Vec<TenantDay<'a>>,
+}
+
+#[derive(Serialize)]
+struct TenantDay<'a> {
+    date: NaiveDate,
+    events: i64,
+    processing_time_sum: i64,
+    avg_time: &'a str,
+}
+
 /// A required `YYYY-MM-DD` query parameter, from 2000-01-01 to tomorrow.
 fn date_param(params: &HashMap<String, String>, name: &str) -> Result<NaiveDate, Problem> {
     let raw = params
@@ -245,7 +270,9 @@ async fn enterprise_daily(
             false,
             || async move {
                 let rows = repository.enterprise_report(from).await?;
-                let body = serde_json::to_vec(&json!({ "from": from, "rows": rows }))
+                // Serialized straight from the rows: a `serde_json::Value` tree of 140K rows
+                // took most of a second to build.
+                let body = serde_json::to_vec(&EnterpriseDaily { from, rows: &rows })
                     .map_err(|e| Error::Unexpected(e.into()))?;
                 Ok::<_, Error>(Bytes::from(body))
             },
@@ -289,18 +316,21 @@ async fn tenant_daily(
             closed_only,
             || async move {
                 let rows = repository.tenant_daily(tenant, from, to).await?;
-                let days: Vec<Value> = rows
-                    .into_iter()
-                    .map(|row| {
-                        json!({
-                            "date": row.date,
-                            "events": row.events,
-                            "processing_time_sum": row.processing_time_sum,
-                            "avg_time": row.avg_time,
-                        })
+                let days = rows
+                    .iter()
+                    .map(|row| TenantDay {
+                        date: row.date,
+                        events: row.events,
+                        processing_time_sum: row.processing_time_sum,
+                        avg_time: &row.avg_time,
                     })
                     .collect();
-                let body = json!({ "tenant_id": tenant, "from": from, "to": to, "days": days });
+                let body = TenantDaily {
+                    tenant_id: tenant,
+                    from,
+                    to,
+                    days,
+                };
                 Ok::<_, Error>(Bytes::from(
                     serde_json::to_vec(&body).map_err(|e| Error::Unexpected(e.into()))?,
                 ))
