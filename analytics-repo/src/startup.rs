@@ -4,26 +4,25 @@
 
 use std::{
     future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, State},
+    Router,
+    extract::DefaultBodyLimit,
     middleware::{from_fn, from_fn_with_state},
-    response::{IntoResponse, Response},
-    routing::get,
 };
 use chrono::{Months, Utc};
 use clap::Args;
 use common::{
     config::{ServeDefaults, ServeSettings, parse_duration, parse_secret},
-    http::{ServeOptions, request_context, shed_load, time_limit},
+    http::{
+        ServeOptions,
+        ops::{self, Readiness},
+        request_context, shed_load, time_limit,
+    },
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
     shutdown::Background,
@@ -225,11 +224,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         .with_context(|| format!("failed to bind {}", settings.serve.listen))?;
     let http_metrics = HttpMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(true));
-    let ops = Ops {
+    let backends = Backends {
         pool,
         cache: cache.clone(),
-        ready: Arc::clone(&ready),
-        registry: Arc::new(registry),
     };
     let state = AppState {
         repository,
@@ -245,7 +242,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<Application> {
             settings.serve.request_timeout,
             time_limit,
         ))
-        .merge(ops_router(ops))
+        .merge(ops::routes(
+            Arc::clone(&ready),
+            Arc::new(registry),
+            backends,
+        ))
         .route_layer(from_fn_with_state(http_metrics, track_http))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
@@ -305,44 +306,24 @@ impl Application {
     }
 }
 
-#[derive(Clone)]
-struct Ops {
-    pool: PgPool,
-    cache: ReportCache,
-    ready: Arc<AtomicBool>,
-    registry: Arc<Registry>,
-}
-
-fn ops_router(ops: Ops) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(ops)
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
 /// Ready when PostgreSQL answers; Redis only speeds reports up, so its absence is reported,
 /// not failed on.
-async fn readyz(State(ops): State<Ops>) -> Response {
-    if !ops.ready.load(Ordering::Acquire) {
-        return Problem::unavailable("shutting down", 5).into_response();
-    }
-    if let Err(error) = sqlx::query("SELECT 1").execute(&ops.pool).await {
-        tracing::warn!(%error, "readiness: PostgreSQL unreachable");
-        return Problem::unavailable("PostgreSQL is unreachable", 1).into_response();
-    }
-    let cache = if ops.cache.usable() {
-        "in use"
-    } else {
-        "bypassed"
-    };
-    Json(serde_json::json!({ "status": "ready", "report_cache": cache })).into_response()
+#[derive(Clone)]
+struct Backends {
+    pool: PgPool,
+    cache: ReportCache,
 }
 
-async fn metrics(State(ops): State<Ops>) -> Response {
-    common::prometheus::render(&ops.registry)
+impl Readiness for Backends {
+    async fn check(&self) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+        ops::postgres_reachable(&self.pool).await?;
+        let cache = if self.cache.usable() {
+            "in use"
+        } else {
+            "bypassed"
+        };
+        let mut fields = serde_json::Map::new();
+        fields.insert("report_cache".into(), cache.into());
+        Ok(fields)
+    }
 }

@@ -6,6 +6,7 @@
 //! problem+json for requests that run too long or arrive when too many are in flight.
 //! [`serve`] runs the router until the shutdown future fires, then lets in-flight requests
 //! finish within a grace period.
+//! [`ops::routes`] serves `/healthz`, `/readyz` and `/metrics` for every service.
 //! Handlers read their input through [`json_object`] and [`JsonFields`] (bodies) and
 //! [`Page`] (list queries), so every service refuses bad input the same way.
 
@@ -36,6 +37,7 @@ use crate::{
 };
 
 pub mod json_fields;
+pub mod ops;
 pub mod page;
 pub mod path;
 pub mod query;

@@ -10,24 +10,23 @@
 
 use std::{
     future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, State},
+    Router,
+    extract::DefaultBodyLimit,
     middleware::{from_fn, from_fn_with_state},
-    response::{IntoResponse, Response},
-    routing::get,
 };
 use common::{
     config::ServeDefaults,
-    http::{ServeOptions, request_context, shed_load, time_limit},
+    http::{
+        ServeOptions,
+        ops::{self, Readiness},
+        request_context, shed_load, time_limit,
+    },
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
     shutdown::Background,
@@ -155,18 +154,17 @@ impl Core {
             .port();
         let http_metrics = HttpMetrics::register(&mut self.registry);
         let ready = Arc::new(AtomicBool::new(true));
-        let ops = Ops {
+        let backends = Backends {
             pool: self.pool.clone(),
             redis: self.redis.clone(),
-            ready: Arc::clone(&ready),
-            registry: Arc::new(std::mem::take(&mut self.registry)),
         };
+        let registry = Arc::new(std::mem::take(&mut self.registry));
         let permits = Arc::new(Semaphore::new(shared.max_in_flight));
         let router = api
             .layer(DefaultBodyLimit::max(shared.max_body_bytes))
             .layer(from_fn_with_state(permits, shed_load))
             .route_layer(from_fn_with_state(shared.serve.request_timeout, time_limit))
-            .merge(ops_router(ops))
+            .merge(ops::routes(Arc::clone(&ready), registry, backends))
             .route_layer(from_fn_with_state(http_metrics, track_http))
             .fallback(problem::not_found)
             .method_not_allowed_fallback(problem::method_not_allowed)
@@ -253,43 +251,21 @@ impl Application {
     }
 }
 
-/// What the operations routes need.
+/// What readiness depends on: the service's schema (PostgreSQL) and the message bus (Redis Streams).
 #[derive(Clone)]
-struct Ops {
+struct Backends {
     pool: PgPool,
     redis: ConnectionManager,
-    ready: Arc<AtomicBool>,
-    registry: Arc<Registry>,
 }
 
-fn ops_router(ops: Ops) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(ops)
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn readyz(State(ops): State<Ops>) -> Response {
-    if !ops.ready.load(Ordering::Acquire) {
-        return Problem::unavailable("shutting down", 5).into_response();
+impl Readiness for Backends {
+    async fn check(&self) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+        ops::postgres_reachable(&self.pool).await?;
+        let mut redis = self.redis.clone();
+        if let Err(error) = redis::cmd("PING").query_async::<String>(&mut redis).await {
+            tracing::warn!(%error, "readiness: Redis unreachable");
+            return Err(Problem::unavailable("Redis is unreachable", 1));
+        }
+        Ok(serde_json::Map::new())
     }
-    if let Err(error) = sqlx::query("SELECT 1").execute(&ops.pool).await {
-        tracing::warn!(%error, "readiness: PostgreSQL unreachable");
-        return Problem::unavailable("PostgreSQL is unreachable", 1).into_response();
-    }
-    let mut redis = ops.redis.clone();
-    if let Err(error) = redis::cmd("PING").query_async::<String>(&mut redis).await {
-        tracing::warn!(%error, "readiness: Redis unreachable");
-        return Problem::unavailable("Redis is unreachable", 1).into_response();
-    }
-    Json(serde_json::json!({ "status": "ready" })).into_response()
-}
-
-async fn metrics(State(ops): State<Ops>) -> Response {
-    common::prometheus::render(&ops.registry)
 }

@@ -29,10 +29,7 @@ use std::{
     convert::Infallible,
     net::{IpAddr, SocketAddr},
     ops::Deref,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     task::{Context, Poll},
     time::Instant,
 };
@@ -46,7 +43,11 @@ use axum::{
     routing::{delete, get, post},
 };
 use common::{
-    http::{in_request_context, time_limit},
+    http::{
+        in_request_context,
+        ops::{self, Readiness},
+        time_limit,
+    },
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
 };
@@ -411,8 +412,7 @@ fn own_routes(state: AppState) -> Router {
         .route("/admin/api-keys", post(keys::create).get(keys::list))
         .route("/admin/api-keys/{id}", delete(keys::revoke))
         .route("/.well-known/jwks.json", get(jwks))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .merge(ops::probes(Arc::clone(&state.0.ready), state.clone()))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .route_layer(from_fn_with_state(request_timeout, time_limit))
         .route_layer(from_fn_with_state(state.http_metrics().clone(), track_http))
@@ -493,12 +493,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 
 /// The admin router: metrics and health, on `ADMIN_LISTEN_ADDR` only.
 pub fn admin_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(problem::not_found)
-        .with_state(state)
+    ops::routes(
+        Arc::clone(&state.0.ready),
+        Arc::clone(&state.0.registry),
+        state,
+    )
+    .fallback(problem::not_found)
 }
 
 /// HSTS, nosniff and no-referrer on every answer, and a CSP on the gateway's own.
@@ -534,34 +534,24 @@ async fn jwks(State(state): State<AppState>) -> Response {
     response
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.0.ready.load(Ordering::Acquire) {
-        return Problem::unavailable("shutting down", 5).into_response();
+/// Ready when PostgreSQL answers. Redis and upstreams are reported, not required: the
+/// limiter has its fallback policy, and one upstream being down must not take the gateway
+/// out of rotation for the others.
+impl Readiness for AppState {
+    async fn check(&self) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+        if let Err(error) = self.store.ping().await {
+            tracing::warn!(%error, "readiness: PostgreSQL unreachable");
+            return Err(Problem::unavailable("PostgreSQL is unreachable", 1));
+        }
+        let upstreams: serde_json::Map<String, serde_json::Value> = self
+            .table
+            .mounts()
+            .iter()
+            .map(|m| (m.name.clone(), self.proxy.available(&m.name).into()))
+            .collect();
+        let mut fields = serde_json::Map::new();
+        fields.insert("redis".into(), self.limiter.redis_up().into());
+        fields.insert("upstreams".into(), upstreams.into());
+        Ok(fields)
     }
-    if let Err(error) = state.store.ping().await {
-        tracing::warn!(%error, "readiness: PostgreSQL unreachable");
-        return Problem::unavailable("PostgreSQL is unreachable", 1).into_response();
-    }
-    // Redis and upstreams are reported, not required: the limiter has its fallback policy,
-    // and one upstream being down must not take the gateway out of rotation for the others.
-    let upstreams: serde_json::Map<String, serde_json::Value> = state
-        .table
-        .mounts()
-        .iter()
-        .map(|m| (m.name.clone(), state.proxy.available(&m.name).into()))
-        .collect();
-    Json(serde_json::json!({
-        "status": "ready",
-        "redis": state.limiter.redis_up(),
-        "upstreams": upstreams,
-    }))
-    .into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    common::prometheus::render(&state.0.registry)
 }

@@ -11,21 +11,20 @@ mod aggregates;
 mod events;
 pub mod wire;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
-};
+use std::sync::{Arc, atomic::AtomicBool};
 
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, State},
+    Router,
+    extract::DefaultBodyLimit,
     http::StatusCode,
     middleware::{from_fn, from_fn_with_state},
-    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use common::{
-    http::{request_context, shed_load, time_limit},
+    http::{
+        ops::{self, Readiness},
+        request_context, shed_load, time_limit,
+    },
     problem::{self, Problem},
     prometheus::{HttpMetrics, latency_histogram, track_http},
 };
@@ -178,9 +177,11 @@ pub fn router(state: AppState) -> Router {
 
     Router::new()
         .merge(api)
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(ops::routes(
+            Arc::clone(&state.ready),
+            Arc::clone(&state.registry),
+            state.clone(),
+        ))
         .route_layer(from_fn_with_state(limits.request_timeout, time_limit))
         .route_layer(from_fn_with_state(http_metrics, track_http))
         .fallback(problem::not_found)
@@ -189,24 +190,17 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn(request_context))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) {
-        Json(serde_json::json!({ "status": "ready" })).into_response()
-    } else {
-        Problem::unavailable("shutting down", 5).into_response()
+/// Ready whenever it is not draining: events live in memory, no backend to wait for.
+impl Readiness for AppState {
+    async fn check(&self) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+        Ok(serde_json::Map::new())
     }
-}
 
-async fn metrics(State(state): State<AppState>) -> Response {
-    state
-        .metrics
-        .event_types
-        .set(state.processor.live_event_types() as i64);
-    common::prometheus::render(&state.registry)
+    fn before_scrape(&self) {
+        self.metrics
+            .event_types
+            .set(self.processor.live_event_types() as i64);
+    }
 }
 
 /// Maps a body-reading failure (too large, aborted) to a problem.

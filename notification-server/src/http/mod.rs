@@ -16,16 +16,13 @@ mod page;
 pub mod ws;
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
 use axum::{
-    Json, Router,
-    extract::{DefaultBodyLimit, FromRequestParts, State},
+    Router,
+    extract::{DefaultBodyLimit, FromRequestParts},
     http::{HeaderValue, StatusCode, header, request::Parts},
     middleware::{from_fn, from_fn_with_state},
     response::{IntoResponse, Response},
@@ -33,7 +30,10 @@ use axum::{
 };
 use common::{
     auth::{Claims, TokenError, Verifier, bearer},
-    http::{request_context, shed_load, time_limit},
+    http::{
+        ops::{self, Readiness},
+        request_context, shed_load, time_limit,
+    },
     problem::{self, Problem},
     prometheus::{HttpMetrics, track_http},
 };
@@ -135,9 +135,11 @@ pub fn router(state: AppState) -> Router {
         // The upgrade itself is quick; the connection then lives outside any request timer.
         .route("/v1/ws", get(ws::upgrade))
         .route("/", get(page::index))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(ops::routes(
+            Arc::clone(&state.ready),
+            Arc::clone(&state.registry),
+            state.clone(),
+        ))
         .route_layer(from_fn_with_state(state.http_metrics.clone(), track_http))
         .fallback(problem::not_found)
         .method_not_allowed_fallback(problem::method_not_allowed)
@@ -145,36 +147,39 @@ pub fn router(state: AppState) -> Router {
         .layer(from_fn(request_context))
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok" }))
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.ready.load(Ordering::Acquire) {
-        return Problem::unavailable("shutting down", 5).into_response();
+/// Ready when the store answers and, across nodes, the Redis fan-out is up.
+impl Readiness for AppState {
+    async fn check(&self) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
+        let store = self.notifier.store();
+        if let Err(error) = store.ping().await {
+            tracing::warn!(%error, "readiness: storage unreachable");
+            return Err(Problem::unavailable(
+                format!("{} is unreachable", store.engine()),
+                1,
+            ));
+        }
+        if let Some(fanout) = self.notifier.fanout()
+            && !fanout.is_up()
+        {
+            return Err(Problem::unavailable(
+                "the cross-node fan-out (Redis) is down",
+                1,
+            ));
+        }
+        let mut fields = serde_json::Map::new();
+        fields.insert("engine".into(), store.engine().into());
+        let nodes = if self.notifier.fanout().is_some() {
+            "redis"
+        } else {
+            "single"
+        };
+        fields.insert("nodes".into(), nodes.into());
+        fields.insert(
+            "connections".into(),
+            self.notifier.hub().connections().into(),
+        );
+        Ok(fields)
     }
-    let store = state.notifier.store();
-    if let Err(error) = store.ping().await {
-        tracing::warn!(%error, "readiness: storage unreachable");
-        return Problem::unavailable(format!("{} is unreachable", store.engine()), 1)
-            .into_response();
-    }
-    if let Some(fanout) = state.notifier.fanout()
-        && !fanout.is_up()
-    {
-        return Problem::unavailable("the cross-node fan-out (Redis) is down", 1).into_response();
-    }
-    Json(serde_json::json!({
-        "status": "ready",
-        "engine": store.engine(),
-        "nodes": if state.notifier.fanout().is_some() { "redis" } else { "single" },
-        "connections": state.notifier.hub().connections(),
-    }))
-    .into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    common::prometheus::render(&state.registry)
 }
 
 /// The caller, authenticated by the bearer token in `Authorization`.
