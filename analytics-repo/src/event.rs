@@ -150,9 +150,7 @@ fn parse_time(value: Value, now: DateTime<Utc>) -> Result<DateTime<Utc>, String>
         .map_err(|_| "must be an RFC 3339 time such as 2026-01-31T23:59:59.5Z".to_owned())?
         .with_timezone(&Utc);
     // PostgreSQL keeps microseconds; a finer time would be rounded, and could cross midnight.
-    let at = at
-        .with_nanosecond_truncated()
-        .ok_or_else(|| "is not a representable time".to_owned())?;
+    let at = to_microseconds(at).ok_or_else(|| "is not a representable time".to_owned())?;
     if at.date_naive() < EARLIEST {
         return Err(format!("must not be before {EARLIEST}"));
     }
@@ -162,21 +160,16 @@ fn parse_time(value: Value, now: DateTime<Utc>) -> Result<DateTime<Utc>, String>
     Ok(at)
 }
 
-trait TruncateNanos: Sized {
-    fn with_nanosecond_truncated(self) -> Option<Self>;
-}
-
-impl TruncateNanos for DateTime<Utc> {
-    fn with_nanosecond_truncated(self) -> Option<Self> {
-        use chrono::Timelike as _;
-        let nanos = self.nanosecond() / 1_000 * 1_000;
-        // A leap second (23:59:60) is stored by PostgreSQL as the next day's first second:
-        // take it as that here too, or its rollup day would not be its row's day.
-        if nanos >= 1_000_000_000 {
-            return Some(self.with_nanosecond(nanos - 1_000_000_000)? + TimeDelta::seconds(1));
-        }
-        self.with_nanosecond(nanos)
+/// `at` truncated to whole microseconds, as PostgreSQL will hold it.
+fn to_microseconds(at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    use chrono::Timelike as _;
+    let nanos = at.nanosecond() / 1_000 * 1_000;
+    // A leap second (23:59:60) is stored by PostgreSQL as the next day's first second:
+    // take it as that here too, or its rollup day would not be its row's day.
+    if nanos >= 1_000_000_000 {
+        return Some(at.with_nanosecond(nanos - 1_000_000_000)? + TimeDelta::seconds(1));
     }
+    at.with_nanosecond(nanos)
 }
 
 /// The events of a JSON array body, all parsed, or every refusal (up to `max_refusals`).

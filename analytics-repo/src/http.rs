@@ -18,7 +18,10 @@ use axum::{
 use chrono::{NaiveDate, TimeDelta, Utc};
 use common::{
     error::{Error, Result},
-    http::{JsonFields, Page, PageSize, PathUuid, json_fields::string, json_object, query_params},
+    http::{
+        JsonFields, Page, PageSize, PathUuid, json_fields::string, json_object, media_type,
+        query_params, read_body, unsupported_media_type,
+    },
     problem::Problem,
     storable::StorableText,
 };
@@ -74,20 +77,9 @@ async fn ingest(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large("the batch is larger than MAX_BODY_BYTES")
-        } else {
-            Problem::malformed(rejection.body_text())
-        }
-    })?;
-    let media = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase());
+    let body = read_body(body)?;
     let now = Utc::now();
-    let parsed = match media.as_deref() {
+    let parsed = match media_type(&headers).as_deref() {
         Some("application/json") => match serde_json::from_slice::<Value>(&body) {
             Ok(Value::Array(values)) => {
                 check_size(values.len(), state.max_batch)?;
@@ -109,10 +101,7 @@ async fn ingest(
             event::parse_ndjson(&body, now, MAX_REFUSALS)
         }
         _ => {
-            return Err(Problem::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported-media-type",
-                "Unsupported media type",
+            return Err(unsupported_media_type(
                 "send the batch as application/json (an array) or application/x-ndjson",
             )
             .into());
@@ -302,9 +291,6 @@ async fn tenant_daily(
         )
         .into());
     }
-    if state.repository.tenant(tenant).await?.is_none() {
-        return Err(no_tenant(tenant).into());
-    }
     let started = std::time::Instant::now();
     let closed_only = to < Utc::now().date_naive() - TimeDelta::days(1);
     let repository = state.repository.clone();
@@ -314,7 +300,12 @@ async fn tenant_daily(
             &format!("tenant:{tenant}:daily:{from}:{to}"),
             Scope::Tenant(tenant),
             closed_only,
+            // Checked only on a miss: a cached answer implies the tenant existed, and tenants
+            // are never deleted.
             || async move {
+                if repository.tenant(tenant).await?.is_none() {
+                    return Err(no_tenant(tenant).into());
+                }
                 let rows = repository.tenant_daily(tenant, from, to).await?;
                 let days = rows
                     .iter()

@@ -278,29 +278,45 @@ pub fn json_object(
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, Problem> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large("the body is larger than MAX_BODY_BYTES")
-        } else {
-            Problem::malformed(rejection.body_text())
-        }
-    })?;
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-            "send the body as application/json",
-        ));
+    let body = read_body(body)?;
+    if media_type(headers).as_deref() != Some("application/json") {
+        return Err(unsupported_media_type("send the body as application/json"));
     }
     match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(serde_json::Value::Object(object)) => Ok(object),
         Ok(_) => Err(Problem::malformed("the body must be a JSON object")),
         Err(error) => Err(Problem::malformed(format!("the body is not JSON: {error}"))),
     }
+}
+
+/// A body as read by the `Bytes` extractor, or the problem: 413 past the route's body limit,
+/// 400 when it could not be read.
+pub fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::too_large("the body is larger than MAX_BODY_BYTES")
+        } else {
+            Problem::malformed(rejection.body_text())
+        }
+    })
+}
+
+/// The request's media type without parameters, lowercased (`application/json` for
+/// `Application/JSON; charset=utf-8`); `None` without a readable `Content-Type`.
+pub fn media_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+}
+
+/// 415, saying what to send instead.
+pub fn unsupported_media_type(detail: impl Into<String>) -> Problem {
+    Problem::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported-media-type",
+        "Unsupported media type",
+        detail,
+    )
 }

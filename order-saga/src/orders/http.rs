@@ -15,7 +15,10 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use common::{http::PageSize, problem::Problem};
+use common::{
+    http::{PageSize, read_body},
+    problem::Problem,
+};
 use serde_json::json;
 
 use super::{
@@ -50,13 +53,7 @@ async fn create(
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> Result<Response> {
     let key = idempotency_key(&headers)?;
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::too_large("the body is larger than MAX_BODY_BYTES")
-        } else {
-            Problem::malformed(rejection.body_text())
-        }
-    })?;
+    let body = read_body(body)?;
     let fingerprint = store::fingerprint(&body);
     let order = NewOrder::parse(fields(&headers, Ok(body))?)?;
     let (lines, currency) = match price(&orders, &order).await {
