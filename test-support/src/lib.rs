@@ -6,10 +6,12 @@
 //!   never a skip, when either is down), and a private `redis-server` a test may kill.
 //! - [`access_token`]: access tokens signed with the fixture keys, as the gateway issues them.
 //! - [`problem_json`]: the assertion on an `application/problem+json` response.
+//! - [`forwarder`]: a TCP forwarder to cut a service off from its backend and back.
 //! - [`free_port`]: a loopback port nothing listens on.
 //! - [`polling`]: waiting, with a deadline, for a condition to hold.
 
 pub mod access_token;
+pub mod forwarder;
 pub mod free_port;
 pub mod polling;
 pub mod problem_json;

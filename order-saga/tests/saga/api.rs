@@ -6,11 +6,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
 use serde_json::{Value, json};
-use test_support::problem_json::problem;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::{JoinHandle, JoinSet},
-};
+use test_support::{forwarder::Forwarder, problem_json::problem};
 use uuid::Uuid;
 
 use crate::system::{Role, System, order_body};
@@ -624,42 +620,6 @@ async fn bad_ids_queries_and_products_are_refused_by_every_service() {
         problem(response, 422, Some(field)).await;
     }
     assert_eq!(system.stock(product).await, (5, 0, 0), "no stock added");
-}
-
-/// A TCP forwarder a test can cut: every connection through it is closed and no new one is
-/// accepted, as when a database host goes away.
-struct Forwarder {
-    port: u16,
-    task: JoinHandle<()>,
-}
-
-impl Forwarder {
-    async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    continue;
-                };
-                let upstream = upstream.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
-        Self { port, task }
-    }
-
-    /// Closes every connection and the listener (dropping the task drops them all).
-    async fn cut(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
 }
 
 #[tokio::test]
