@@ -406,3 +406,60 @@ async fn two_roll_ups_at_once_fold_each_row_once() {
     assert_eq!(rolled, 10);
     assert_report_exact(&repository, watermark.date_naive(), "two roll-ups").await;
 }
+
+/// `exact_avg` against PostgreSQL's own division (`AVG` of an integer column ends in
+/// `numeric_div(sum, count)`), over random and edge pairs: small and huge, negative, exact
+/// halves, carries through every digit.
+#[tokio::test]
+async fn exact_avg_writes_every_average_as_postgresql_does() {
+    let (_, repository) = fresh().await;
+    let mut rng = SmallRng::seed_from_u64(0x5eed);
+    let mut pairs: Vec<(i64, i64)> = vec![
+        (i64::MAX, 1),
+        (i64::MAX, 2),
+        (i64::MAX, i64::MAX),
+        (i64::MIN + 1, 3),
+        (i64::MAX, 7),
+        (1, i64::MAX),
+        (-1, 2),
+        (-1, 3),
+        (0, 1),
+        (2, 3),
+        (1, 2),
+        (-5, 10),
+        (999_999_999_999, 1_000_000_000_000),
+        (19_999, 2),
+        (99_995, 10_000),
+    ];
+    for _ in 0..20_000 {
+        let count = match rng.random_range(0..3) {
+            0 => rng.random_range(1..100),
+            1 => rng.random_range(1..1_000_000),
+            _ => rng.random_range(1..i64::MAX),
+        };
+        let sum = match rng.random_range(0..4) {
+            0 => (i128::from(rng.random_range(0..1_000_i64)) * i128::from(count) / 1_000) as i64,
+            1 => rng.random_range(-1_000_000..1_000_000_000),
+            2 => rng.random_range(i64::MIN + 1..i64::MAX),
+            _ => count.saturating_mul(rng.random_range(0..5_000)),
+        };
+        pairs.push((sum, count));
+    }
+    let (sums, counts): (Vec<i64>, Vec<i64>) = pairs.iter().copied().unzip();
+    let printed: Vec<String> = sqlx::query_scalar(
+        "SELECT (s::numeric / c::numeric)::text
+         FROM unnest($1::int8[], $2::int8[]) WITH ORDINALITY AS p(s, c, n) ORDER BY n",
+    )
+    .bind(&sums)
+    .bind(&counts)
+    .fetch_all(repository.pool())
+    .await
+    .expect("PostgreSQL's averages");
+    for ((sum, count), printed) in pairs.iter().zip(&printed) {
+        assert_eq!(
+            &analytics_repo::repository::exact_avg(*sum, *count),
+            printed,
+            "{sum} / {count}"
+        );
+    }
+}
