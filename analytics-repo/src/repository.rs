@@ -551,8 +551,8 @@ pub fn exact_avg(sum: i64, count: i64) -> String {
     // The quotient's digits, then `scale` digits of the fraction by long division, as many
     // digits a step as keep `remainder × 10^k` within u64 (u128 only for a huge count): a
     // report averages some 140K rows, and a division a digit took most of its time.
-    let mut digits = (sum / count).to_string().into_bytes();
-    digits.reserve(scale + 2);
+    let mut digits = Vec::with_capacity(20 + scale + 2);
+    push_decimal(&mut digits, sum / count);
     let mut remainder = sum % count;
     let mut left = scale;
     while left > 0 {
@@ -584,19 +584,28 @@ pub fn exact_avg(sum: i64, count: i64) -> String {
     if remainder * 2 >= count {
         increment(&mut digits);
     }
-    let sign = negative && digits.iter().any(|&b| b != b'0');
-    let mut text = String::with_capacity(digits.len() + 2);
-    if sign {
-        text.push('-');
-    }
-    let point = digits.len() - scale;
-    let digits = std::str::from_utf8(&digits).expect("digits are ASCII");
-    text.push_str(&digits[..point]);
     if scale > 0 {
-        text.push('.');
-        text.push_str(&digits[point..]);
+        digits.insert(digits.len() - scale, b'.');
     }
-    text
+    if negative && digits.iter().any(|&b| b != b'0' && b != b'.') {
+        digits.insert(0, b'-');
+    }
+    String::from_utf8(digits).expect("digits are ASCII")
+}
+
+/// Appends `value` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut buffer = [0_u8; 20];
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buffer[at..]);
 }
 
 /// 10^0 to 10^19, every power of ten a u64 holds.
