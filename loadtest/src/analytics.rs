@@ -170,17 +170,18 @@ async fn scenario(report: &mut Report, quick: bool, database: &Database) -> anyh
         report_median,
         "ms",
     ));
-    report.goals.push(Target::at_most(
-        "report_median_ms_at_100m_rows",
-        GOAL_REPORT_MS,
-        report_median,
-        "ms",
+    report.goals.push(at_goal_rows(
+        Target::at_most(
+            "report_median_ms_at_100m_rows",
+            GOAL_REPORT_MS,
+            report_median,
+            "ms",
+        ),
+        rows,
     ));
-    report.goals.push(Target::at_least(
-        "naive_over_report",
-        GOAL_SPEEDUP,
-        speedup,
-        "x",
+    report.goals.push(at_goal_rows(
+        Target::at_least("naive_over_report", GOAL_SPEEDUP, speedup, "x"),
+        rows,
     ));
     println!(
         "analytics: naive {naive_median:.1} ms, report {report_median:.1} ms ({speedup:.0}x), {} rows, identical: {identical}",
@@ -462,6 +463,25 @@ async fn archive_and_restore(
         "analytics: archived {months} month(s), {archived_rows} rows in {archive_seconds:.1} s; restored {month}: {back} of {month_rows} rows"
     );
     Ok(())
+}
+
+/// A report goal, which counts only at the goal's [`ROWS`]: on fewer rows (the quick run)
+/// the figure is shown, with a note, and missed, as neither the report's time nor the naive
+/// query's is the same at a hundredth of the data.
+fn at_goal_rows(mut goal: Target, rows: u64) -> Target {
+    if rows < ROWS {
+        goal.pass = false;
+        goal.note = Some(format!(
+            "measured at {} rows, not at {}",
+            millions(rows),
+            millions(ROWS)
+        ));
+    }
+    goal
+}
+
+fn millions(rows: u64) -> String {
+    format!("{}M", rows / 1_000_000)
 }
 
 fn median(values: &mut [f64]) -> f64 {
