@@ -59,6 +59,10 @@ pub async fn require_redis() -> String {
 
 /// A new, empty database named `{label}_{uuid}` for one test; its URL. Panics saying how to
 /// start PostgreSQL when it does not answer.
+///
+/// The test does not drop it: the service it spawned may still hold connections when it
+/// ends, and a failed test's data is worth a look. `scripts/test` drops them all after the
+/// run (`scripts/drop-test-databases`; the UUIDv7 in the name dates each one).
 pub async fn fresh_database(label: &str) -> String {
     let admin = test_database_url();
     let mut conn = PgConnection::connect(&admin).await.unwrap_or_else(|error| {
